@@ -1,0 +1,126 @@
+"""The DINO loss as one op: centered teacher softmax, student log-softmax, cross-entropy over all
+(teacher view, student view) pairs that are not the same view, and the teacher batch mean for the
+center update (Caron et al. 2021, Algorithm 1; official ``main_dino.py`` ``DINOLoss``).
+
+Layers of this file, top to bottom:
+1. ``dino_loss_reference``: the readable spec and the test oracle (pure PyTorch, autograd).
+2. ``dino_fast::dino_loss_fwd``: a ``torch.library`` custom op returning the loss, the teacher mean
+   and the student gradient, computed by the Triton kernel (``dino_fast.kernels.dino_loss``), the
+   C++ kernel (``dino_fast._C`` via ``dino_fast.ops._cpp``) or the reference, as dispatched.
+3. ``dino_loss``: the public function, with autograd.
+
+Kernel contract (Triton and C++ alike)::
+
+    dino_loss_fwd(student [S, K], teacher [2B, K], center [K], ncrops, student_temp,
+                  teacher_temp, need_grad)
+      -> loss [] float32, teacher_mean [K] float32,
+         grad_student [S, K] in student's dtype (d loss / d student; shape [0] if not need_grad)
+
+with S = ncrops * B, rows ordered view-major (g1, g2, l1, ..., each B rows), inputs contiguous.
+"""
+import torch
+import torch.nn.functional as F
+
+from dino_fast.ops import _backend
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision in, float32 math (as autocast runs softmax); fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def dino_loss_reference(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                        ncrops: int, student_temp: float, teacher_temp: float):
+    """The official DINO loss; returns ``(loss, teacher_mean)``, the teacher logits' row mean."""
+    student_views = (_upcast(student) / student_temp).chunk(ncrops)
+    teacher_probs = F.softmax((_upcast(teacher) - center) / teacher_temp, dim=-1)
+    teacher_probs = teacher_probs.detach().chunk(2)
+    total, n_terms = 0.0, 0
+    for iq, q in enumerate(teacher_probs):
+        for v, s in enumerate(student_views):
+            if v == iq:  # never compare a view with itself
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+            n_terms += 1
+    teacher_mean = _upcast(teacher).detach().mean(dim=0)
+    return total / n_terms, teacher_mean
+
+
+def check_shapes(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int):
+    """Raise a clear error when the logits do not form ``ncrops`` student and 2 teacher views."""
+    if ncrops < 2:
+        raise ValueError(f"the DINO loss needs ncrops >= 2 (2 global views), got {ncrops}")
+    if student.dim() != 2 or teacher.dim() != 2:
+        raise ValueError(f"logits must be 2-D [rows, K], got student {tuple(student.shape)} "
+                         f"and teacher {tuple(teacher.shape)}")
+    k = student.shape[1]
+    if teacher.shape[1] != k or center.numel() != k:
+        raise ValueError(f"K differs: student {k}, teacher {teacher.shape[1]}, "
+                         f"center {center.numel()}")
+    if teacher.shape[0] % 2 or student.shape[0] != ncrops * (teacher.shape[0] // 2):
+        raise ValueError(f"expected teacher rows 2*B and student rows ncrops*B with ncrops="
+                         f"{ncrops}; got teacher {teacher.shape[0]}, student {student.shape[0]}")
+
+
+def _reference_fwd(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad):
+    """The kernel contract computed with the reference and autograd (any device)."""
+    with torch.enable_grad():
+        s = student.detach().requires_grad_(need_grad)
+        loss, teacher_mean = dino_loss_reference(s, teacher, center, ncrops, student_temp,
+                                                 teacher_temp)
+        grad = torch.autograd.grad(loss, s)[0] if need_grad else student.new_empty(0)
+    return loss.detach().float(), teacher_mean.float(), grad
+
+
+@torch.library.custom_op("dino_fast::dino_loss_fwd", mutates_args=())
+def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                  ncrops: int, student_temp: float, teacher_temp: float,
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, teacher mean and student gradient in one call (see the module docstring)."""
+    student, teacher, center = student.contiguous(), teacher.contiguous(), center.contiguous()
+    backend = _backend.resolve("dino_loss", student.device)
+    args = (student, teacher, center, ncrops, student_temp, teacher_temp, need_grad)
+    if backend == "triton":
+        from dino_fast.kernels.dino_loss import dino_loss_fwd as triton_fwd
+        return triton_fwd(*args)
+    if backend == "cpp":
+        from dino_fast.ops import _cpp
+        return _cpp.dino_loss_fwd(*args)
+    return _reference_fwd(*args)
+
+
+@dino_loss_fwd.register_fake
+def _(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad):
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    return (student.new_empty((), dtype=torch.float32),
+            center.new_empty(center.numel(), dtype=torch.float32), grad)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_loss, grad_teacher_mean, grad_grad):
+    (grad_student,) = ctx.saved_tensors
+    return (grad_student * grad_loss.to(grad_student.dtype),) + (None,) * 6
+
+
+dino_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
+              student_temp: float, teacher_temp: float):
+    """DINO loss of student logits ``[ncrops*B, K]`` against teacher logits ``[2*B, K]``.
+
+    Returns ``(loss, teacher_mean)``: a float32 scalar with a gradient for ``student`` only, and
+    the float32 mean of the teacher rows ``[K]`` for the center update. ``center`` is ``[K]`` or
+    ``[1, K]``. Dispatched by ``DINO_FAST_BACKEND``; the result matches the reference.
+    """
+    center = center.reshape(-1)
+    check_shapes(student, teacher, center, ncrops)
+    if _backend.resolve("dino_loss", student.device) == "reference":
+        return dino_loss_reference(student, teacher, center, ncrops, student_temp, teacher_temp)
+    loss, teacher_mean, _ = dino_loss_fwd(student, teacher.detach(), center.detach(), ncrops,
+                                          float(student_temp), float(teacher_temp),
+                                          student.requires_grad and torch.is_grad_enabled())
+    return loss, teacher_mean
