@@ -111,10 +111,17 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x, return_attention=False):
+        """The block's output tokens, or only its attention ``[B, heads, N, N]`` (as official)."""
         if return_attention:
             return self.attn(self.norm1(x), return_attention=True)[1]
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_with_attention(self, x):
+        """Output tokens and attention probabilities of the block, in one pass."""
+        y, attn = self.attn(self.norm1(x), return_attention=True)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x))), attn
 
 
 class PatchEmbed(nn.Module):
@@ -220,6 +227,14 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1](x, return_attention=True)
+
+    def forward_with_attention(self, x):
+        """CLS embedding ``[B, dim]`` and last-block attention ``[B, heads, 1 + N, 1 + N]``."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        x, attn = self.blocks[-1].forward_with_attention(x)
+        return self.norm(x)[:, 0], attn
 
     def get_intermediate_layers(self, x, n=1):
         """Normed tokens of the last ``n`` blocks."""
