@@ -1,0 +1,58 @@
+"""torch.distributed plumbing: one process needs no process group (unlike the official code);
+under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) we join one, NCCL on GPUs and Gloo
+on CPUs."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True when a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the process that writes checkpoints and logs."""
+    return get_rank() == 0
+
+
+def init_distributed(device_type: str) -> torch.device:
+    """Join the process group when launched by torchrun; return this process's device.
+
+    ``device_type`` is ``cuda`` or ``cpu``. Without torchrun's variables nothing is initialised.
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if launched and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return device
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` in place over all processes (a no-op for one process)."""
+    if is_dist():
+        dist.all_reduce(tensor)
+        tensor.div_(get_world_size())
+    return tensor
+
+
+def cleanup():
+    """Leave the process group, if any."""
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,79 @@
+"""One DINO training iteration (official ``main_dino.py`` ``train_one_epoch`` body), in order:
+set lr / weight decay, teacher forward on the 2 global crops, student forward on all crops, loss,
+stop if not finite, zero_grad, backward, per-parameter clipping, last-layer freezing, optimizer
+step, teacher EMA.
+
+``forward_loss`` (both forwards and the loss, whose backward AOTAutograd compiles too) is what
+``--compile`` hands to ``torch.compile``; the optimizer stays eager because its lr and weight
+decay change every step, and the EMA is one fused op already.
+"""
+import contextlib
+import math
+
+import torch
+
+from dino_fast.optim import cancel_gradients_last_layer, clip_gradients
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training must stop."""
+
+
+class TrainStep:
+    """Callable running one iteration; holds the models, loss, optimizer, EMA and precision."""
+
+    def __init__(self, student, teacher, dino_loss, optimizer, ema, precision="fp32",
+                 clip_grad=3.0, freeze_last_layer=1, compile=False):
+        self.student, self.teacher, self.dino_loss = student, teacher, dino_loss
+        self.optimizer, self.ema = optimizer, ema
+        self.device_type = next(student.parameters()).device.type
+        self.amp_dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
+        self.forward_loss = torch.compile(self._forward_loss) if compile else self._forward_loss
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def _forward_loss(self, crops, epoch):
+        with self._autocast():
+            teacher_output = self.teacher(crops[:2])  # only the 2 global views
+            student_output = self.student(crops)
+            return self.dino_loss(student_output, teacher_output, epoch)
+
+    def __call__(self, crops, epoch, lr, weight_decay, momentum, step=None) -> float:
+        """Run one iteration and return the loss; raise NonFiniteLossError on NaN/inf."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:  # only the first group is regularised
+                group["weight_decay"] = weight_decay
+        loss = self.forward_loss(crops, epoch)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {step} (epoch {epoch}); stopping. "
+                "Try a lower --lr, --precision fp32, a smaller --out_dim, or --clip_grad.")
+        self.optimizer.zero_grad(set_to_none=True)
+        student = getattr(self.student, "module", self.student)  # unwrap DDP
+        if self.scaler is None:
+            loss.backward()
+            self._clip_and_freeze(student, epoch)
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            if self.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+            self._clip_and_freeze(student, epoch)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.ema.update(momentum)  # runs even when the scaler skipped the step, as official
+        return loss_value
+
+    def _clip_and_freeze(self, student, epoch):
+        if self.clip_grad:
+            clip_gradients(student, self.clip_grad)
+        cancel_gradients_last_layer(epoch, student, self.freeze_last_layer)

@@ -1,0 +1,78 @@
+"""Optimisation pieces of the official recipe: parameter groups, LARS, per-parameter gradient
+clipping and freezing the last layer (official ``utils.py``)."""
+import torch
+import torch.nn as nn
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Regularised parameters first, then biases and 1-D parameters (norms) with no weight decay."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio (You et al. 2017), skipping 1-D params."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim != 1:  # weight decay and trust ratio only for weight matrices
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    ratio = torch.where((p_norm > 0) & (u_norm > 0),
+                                        group["eta"] * p_norm / u_norm, torch.ones_like(p_norm))
+                    update = update.mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(update)
+                p.add_(state["mu"], alpha=-group["lr"])
+
+
+def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimizer:
+    """``adamw``, ``sgd`` (momentum 0.9) or ``lars``; lr and weight decay are set per step."""
+    if name == "adamw":
+        return torch.optim.AdamW(params_groups)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+    if name == "lars":
+        return LARS(params_groups)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or lars")
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Clip each parameter's gradient to norm ``clip`` on its own (not a global norm, as official).
+
+    Returns the norms before clipping, as one tensor (no host sync per parameter).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads, 2))
+    coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)  # scale only when the norm exceeds clip
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int):
+    """Drop the gradients of ``last_layer`` during the first ``freeze_last_layer`` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None

@@ -1,0 +1,271 @@
+"""``python -m dino_fast.train``: DINO self-supervised training (Caron et al. 2021).
+
+Flags, defaults, checkpoint and log formats follow the official ``main_dino.py``; our own flags
+(``--compile``, ``--attn_backend``, ``--loader``, ``--precision``, ``--max_steps``, ``--device``)
+come last. Without ``--data_path`` it trains on the small set of photos bundled with the package.
+Run under ``torchrun`` to train on several processes (DistributedDataParallel).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from dino_fast import distributed as dist_utils
+from dino_fast.checkpoint import load_checkpoint, save_atomic
+from dino_fast.data import build_loader
+from dino_fast.ema import TeacherEMA
+from dino_fast.engine import PRECISIONS, NonFiniteLossError, TrainStep
+from dino_fast.loss import DINOLoss
+from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
+from dino_fast.models.pretrained import normalize_keys
+from dino_fast.optim import build_optimizer, get_params_groups
+from dino_fast.schedules import cosine_scheduler
+
+
+def bool_flag(value: str) -> bool:
+    """Parse the official boolean flags (``true/false``, ``on/off``, ``1/0``)."""
+    if value.lower() in {"on", "true", "1"}:
+        return True
+    if value.lower() in {"off", "false", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags: the official ``main_dino.py`` ones, then ours."""
+    p = argparse.ArgumentParser("dino_fast.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Model
+    p.add_argument("--arch", default="vit_small", choices=sorted(ARCHS))
+    p.add_argument("--patch_size", default=16, type=int)
+    p.add_argument("--out_dim", default=65536, type=int, help="K, the number of prototypes")
+    p.add_argument("--norm_last_layer", default=True, type=bool_flag)
+    p.add_argument("--momentum_teacher", default=0.996, type=float)
+    p.add_argument("--use_bn_in_head", default=False, type=bool_flag)
+    # Temperature teacher
+    p.add_argument("--warmup_teacher_temp", default=0.04, type=float)
+    p.add_argument("--teacher_temp", default=0.04, type=float)
+    p.add_argument("--warmup_teacher_temp_epochs", default=0, type=int)
+    # Training / optimisation
+    p.add_argument("--use_fp16", default=None, type=bool_flag,
+                   help="official flag (default true there); here --precision decides unless "
+                        "this is given: true -> fp16, false -> fp32")
+    p.add_argument("--weight_decay", default=0.04, type=float)
+    p.add_argument("--weight_decay_end", default=0.4, type=float)
+    p.add_argument("--clip_grad", default=3.0, type=float, help="per-parameter; 0 disables")
+    p.add_argument("--batch_size_per_gpu", default=64, type=int)
+    p.add_argument("--epochs", default=100, type=int)
+    p.add_argument("--freeze_last_layer", default=1, type=int)
+    p.add_argument("--lr", default=0.0005, type=float, help="at batch 256; scaled linearly")
+    p.add_argument("--warmup_epochs", default=10, type=int)
+    p.add_argument("--min_lr", default=1e-6, type=float)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"])
+    p.add_argument("--drop_path_rate", default=0.1, type=float)
+    # Multi-crop
+    p.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0))
+    p.add_argument("--local_crops_number", type=int, default=8)
+    p.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
+    # Misc
+    p.add_argument("--data_path", default=None, type=str,
+                   help="image folder (recursive); default: the bundled demo photos")
+    p.add_argument("--output_dir", default=".", type=str)
+    p.add_argument("--saveckp_freq", default=20, type=int)
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--num_workers", default=10, type=int, help="capped at the CPU count")
+    p.add_argument("--dist_url", default="env://", type=str, help="accepted for compatibility")
+    p.add_argument("--local_rank", default=0, type=int, help="accepted for compatibility")
+    # dino_fast
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward and loss")
+    p.add_argument("--attn_backend", default="sdpa", choices=ATTN_BACKENDS)
+    p.add_argument("--loader", default="auto", choices=["auto", "torch", "dali"])
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="auto: bf16 on CUDA, fp32 on CPU (see --use_fp16)")
+    p.add_argument("--max_steps", default=None, type=int,
+                   help="at most this many steps per epoch (short runs); schedules follow")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="skip unreadable images (counted in the log) instead of stopping")
+    return p
+
+
+def resolve_device_and_precision(args):
+    """Fill ``args.device`` and ``args.precision`` from ``auto``, with clear errors."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but CUDA is not available")
+    if args.precision == "auto":
+        if args.use_fp16 is not None:
+            args.precision = "fp16" if args.use_fp16 else "fp32"
+        else:
+            args.precision = "bf16" if args.device == "cuda" else "fp32"
+
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_models(args, device):
+    """Student and teacher ``MultiCropWrapper``s; the teacher starts as a copy of the student."""
+    def backbone(drop_path_rate):
+        return build_vit(args.arch, args.patch_size, drop_path_rate=drop_path_rate,
+                         attn_backend=args.attn_backend)
+
+    student_bb = backbone(args.drop_path_rate)
+    embed_dim = student_bb.embed_dim
+    student = MultiCropWrapper(student_bb, DINOHead(embed_dim, args.out_dim,
+                                                    use_bn=args.use_bn_in_head,
+                                                    norm_last_layer=args.norm_last_layer))
+    teacher = MultiCropWrapper(backbone(0.0), DINOHead(embed_dim, args.out_dim,
+                                                       use_bn=args.use_bn_in_head))
+    student, teacher = student.to(device), teacher.to(device)
+    if args.use_bn_in_head and dist_utils.is_dist():
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def resume(path, student, teacher, optimizer, dino_loss, scaler) -> int:
+    """Restore the training state from ``path``; return the epoch to start from."""
+    ckpt = load_checkpoint(path)
+    try:
+        student.load_state_dict(normalize_keys(ckpt["student"]))
+        teacher.load_state_dict(normalize_keys(ckpt["teacher"]))
+        if "dino_loss" in ckpt:
+            dino_loss.load_state_dict(ckpt["dino_loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise SystemExit(f"{path} does not match this run's model/optimizer (different --arch, "
+                         f"--out_dim, --patch_size or --optimizer?): {err}") from err
+    if scaler is not None and "fp16_scaler" in ckpt:
+        scaler.load_state_dict(ckpt["fp16_scaler"])
+    return int(ckpt["epoch"])
+
+
+def train(args) -> dict:
+    """Train as ``args`` say; return the last epoch's log entry."""
+    resolve_device_and_precision(args)
+    device = dist_utils.init_distributed(args.device)
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    seed_everything(args.seed)  # the same initial weights on every rank
+    if dist_utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    loader = build_loader(
+        kind=args.loader, data_path=args.data_path, batch_size=args.batch_size_per_gpu,
+        num_workers=min(args.num_workers, os.cpu_count() or 1),
+        global_crops_scale=tuple(args.global_crops_scale),
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_number=args.local_crops_number, rank=rank, world_size=world,
+        seed=args.seed, device=device, skip_bad_images=args.skip_bad_images)
+    iters_per_epoch = min(len(loader), args.max_steps or len(loader))
+
+    student, teacher = build_models(args, device)
+    ema = TeacherEMA(student, teacher)  # flat buffers: before the optimizer and DDP
+    student_module = student
+    if dist_utils.is_dist():
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs,
+                         args.epochs).to(device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student_module))
+    step = TrainStep(student, teacher, dino_loss, optimizer, ema, precision=args.precision,
+                     clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+                     compile=args.compile)
+
+    warmup_epochs = min(args.warmup_epochs, args.epochs)
+    lr_schedule = cosine_scheduler(args.lr * args.batch_size_per_gpu * world / 256.0,
+                                   args.min_lr, args.epochs, iters_per_epoch,
+                                   warmup_epochs=warmup_epochs)
+    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs,
+                                   iters_per_epoch)
+    momentum_schedule = cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
+
+    start_epoch = 0
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(ckpt_path):
+        start_epoch = resume(ckpt_path, student_module, teacher, optimizer, dino_loss,
+                             step.scaler)
+        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "
+        f"{loader.kind}, {len(loader.dataset)} images, {world} process(es)) for epochs "
+        f"{start_epoch}..{args.epochs - 1}, {iters_per_epoch} steps each")
+
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed + 1000 * epoch + rank)  # reproducible across resumes
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(step, loader, epoch, iters_per_epoch, lr_schedule,
+                                wd_schedule, momentum_schedule, args)
+        save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": args,
+                     "dino_loss": dino_loss.state_dict()}
+        if step.scaler is not None:
+            save_dict["fp16_scaler"] = step.scaler.state_dict()
+        if dist_utils.is_main_process():
+            save_atomic(save_dict, ckpt_path)
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(stats) + "\n")
+    return stats
+
+
+def train_one_epoch(step, loader, epoch, iters_per_epoch, lr_schedule, wd_schedule,
+                    momentum_schedule, args) -> dict:
+    """One epoch of at most ``iters_per_epoch`` steps; returns the epoch means."""
+    totals = {"loss": 0.0, "lr": 0.0, "wd": 0.0}
+    n_images, start, done = 0, time.perf_counter(), 0
+    bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True,
+               disable=not dist_utils.is_main_process(), file=sys.stderr)
+    for i, (crops, _) in enumerate(loader):
+        if i >= iters_per_epoch:
+            break
+        it = epoch * iters_per_epoch + i  # global iteration
+        loss = step(crops, epoch, lr_schedule[it], wd_schedule[it], momentum_schedule[it], it)
+        for key, value in (("loss", loss), ("lr", lr_schedule[it]), ("wd", wd_schedule[it])):
+            totals[key] += float(value)
+        done += 1
+        n_images += crops[0].shape[0] * dist_utils.get_world_size()
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_schedule[it]:.2e}",
+                        img_s=f"{n_images / (time.perf_counter() - start):.1f}")
+        bar.update()
+    bar.close()
+    return {key: value / max(done, 1) for key, value in totals.items()}
+
+
+def log(message: str):
+    """Print on the main process only."""
+    if dist_utils.is_main_process():
+        print(message, flush=True)
+
+
+def main(argv=None):
+    """Entry point of ``python -m dino_fast.train``."""
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        dist_utils.cleanup()
+
+
+if __name__ == "__main__":
+    main()
