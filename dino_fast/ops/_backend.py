@@ -75,6 +75,7 @@ def _exporting() -> bool:
     return torch.onnx.is_in_onnx_export() if hasattr(torch.onnx, "is_in_onnx_export") else False
 
 
+@torch.compiler.assume_constant_result  # evaluated once at trace time, never traced into
 def resolve(op: str, device: torch.device, has_triton: bool = True, has_cpp: bool = True) -> str:
     """The backend that runs ``op`` on tensors of ``device``: ``reference``, ``triton`` or ``cpp``.
 

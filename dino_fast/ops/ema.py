@@ -37,6 +37,7 @@ def check_buffers(teacher: torch.Tensor, student: torch.Tensor):
 @torch.library.custom_op("dino_fast::ema_", mutates_args=("teacher",))
 def ema_op(teacher: torch.Tensor, student: torch.Tensor, momentum: torch.Tensor) -> None:
     """In-place EMA of ``teacher`` towards ``student`` with a 0-d ``momentum`` tensor."""
+    check_buffers(teacher, student)  # the kernels assume one flat float32 length
     backend = _backend.resolve("ema", teacher.device)
     if backend == "triton":
         from dino_fast.kernels.ema import ema_ as triton_ema_
@@ -50,6 +51,7 @@ def ema_op(teacher: torch.Tensor, student: torch.Tensor, momentum: torch.Tensor)
 
 @ema_op.register_fake
 def _(teacher, student, momentum):
+    check_buffers(teacher, student)
     return None
 
 
@@ -61,7 +63,9 @@ def ema_(teacher: torch.Tensor, student: torch.Tensor, momentum) -> None:
     check_buffers(teacher, student)
     if not torch.is_tensor(momentum):
         momentum = torch.tensor(float(momentum), dtype=torch.float32, device=teacher.device)
+    elif momentum.numel() != 1:
+        raise ValueError(f"momentum must be a scalar, got shape {tuple(momentum.shape)}")
     if _backend.resolve("ema", teacher.device) == "reference":
         ema_reference(teacher, student, momentum)
         return
-    ema_op(teacher, student, momentum.to(device=teacher.device, dtype=torch.float32))
+    ema_op(teacher, student, momentum.to(device=teacher.device, dtype=torch.float32).reshape(()))
