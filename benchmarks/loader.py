@@ -1,0 +1,65 @@
+"""Loader throughput: images/s of the DINO multi-crop loaders on the same files and CPU count.
+
+Each image becomes 2 global (224 px) + 10 local (96 px) crops. Compares the torchvision
+reference (``--loader torch``, ``threads`` DataLoader workers) with the DALI pipeline (``threads``
+DALI threads; CPU-only mode without a GPU, ``mixed`` GPU decoding with one), in one run, and
+prints one table with the speed-up over torch. Build the corpus first:
+
+    python -m benchmarks.make_corpus --count 2000 --out .corpus
+    python -m benchmarks.loader --data .corpus --threads 2 --batch 32
+"""
+import argparse
+import itertools
+
+import torch
+
+from benchmarks.common import environment, measure, print_table, write_results
+from dino_fast.data import build_loader
+from dino_fast.data.dali import dali_available
+
+
+def endless_batches(loader):
+    """Batches across epoch boundaries (each epoch reshuffled), forever."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def images_per_second(kind: str, args, device: torch.device) -> float:
+    """Steady-state throughput of one loader: median time per batch after a warm-up."""
+    loader = build_loader(kind=kind, data_path=args.data, batch_size=args.batch,
+                          num_workers=args.threads, local_crops_number=10, device=device)
+    batches = endless_batches(loader)
+    ms_per_batch = measure(lambda: next(batches), warmup=args.warmup, repeats=args.steps,
+                           device=device)
+    return args.batch * 1e3 / ms_per_batch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=".corpus", help="image folder (make_corpus.py output)")
+    parser.add_argument("--threads", type=int, default=2, help="workers / DALI threads")
+    parser.add_argument("--batch", type=int, default=32, help="images per batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed batches per loader")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--save", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kinds = ["torch"] + (["dali"] if dali_available() else [])
+    rows, baseline = [], None
+    for kind in kinds:
+        rate = images_per_second(kind, args, device)
+        baseline = baseline or rate
+        rows.append({"loader": kind, "device": device.type, "threads": args.threads,
+                     "batch": args.batch, "images/s": rate, "speed-up": rate / baseline})
+    text = print_table(rows, ["loader", "device", "threads", "batch", "images/s", "speed-up"],
+                       title=f"multi-crop loader, 2x224 + 10x96 crops, {args.data}")
+    if len(kinds) == 1:
+        print("DALI is not installed: pip install 'dino-fast[dali]' to compare it.")
+    if args.save:
+        write_results(args.save, text)
+    print(environment())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The DINO multi-crop recipe as an NVIDIA DALI pipeline graph (imported only when DALI is).
+
+One decode per image (``mixed``: nvJPEG / the hardware decoder on a GPU; ``cpu`` in DALI's
+CPU-only mode), then per crop slot the official recipe (see :mod:`dino_fast.data.augment`), each
+random choice drawn per sample, applied per sample with DALI conditionals. Differences from the
+torchvision reference (only the distributions can match, not the pixels):
+
+* the horizontal flip is applied last, inside the normalisation; every other op is
+  mirror-symmetric, so the distribution is the same as flipping first;
+* hue uses DALI's rotation of the chroma plane in YIQ space, a linear approximation of
+  torchvision's HSV hue shift (identical for grays, close for moderate saturations);
+* colour jitter runs in a fixed order, brightness and contrast in one pass, then saturation and
+  hue in one pass, where torchvision draws a random order. In exact arithmetic the four
+  operations commute (brightness scales all of YIQ; contrast scales the chroma and pulls the luma
+  to its mean; saturation scales and hue rotates the chroma plane), so the order only shows
+  where torchvision clips a pixel to [0, 255] between two steps (and through PIL's non-linear
+  HSV hue, see the previous point);
+* the Gaussian blur is a true Gaussian (sigma = PIL's radius), PIL uses a box approximation;
+* the random resized crop uses DALI's sampler (area U(scale), log-uniform aspect, 10 tries,
+  then a centred crop), bicubic with antialiasing like PIL's.
+"""
+import nvidia.dali.math as dmath
+from nvidia.dali import fn, pipeline_def, types
+
+from .augment import (BLUR_RADIUS, BRIGHTNESS, CONTRAST, CROP_RATIO, FLIP_P, GRAYSCALE_P, HUE,
+                      JITTER_P, MEAN, SATURATION, SOLARIZE_THRESHOLD, STD, ViewSpec)
+
+# Padding that lets nvJPEG reuse its buffers across batches (the values DALI's ImageNet
+# examples use), so the decoder does not reallocate as image sizes vary.
+_DEVICE_PADDING, _HOST_PADDING = 211025920, 140544512
+
+
+def _coin(p: float):
+    """A per-sample boolean, true with probability ``p``; a plain bool when ``p`` is 0 or 1."""
+    return p >= 1 if p <= 0 or p >= 1 else fn.random.coin_flip(probability=p)
+
+
+def _uniform(low: float, high: float):
+    return fn.random.uniform(range=(low, high))
+
+
+def _to_uint8(x):
+    return fn.cast(dmath.clamp(x, 0.0, 255.0), dtype=types.UINT8)
+
+
+def _brightness_contrast(image, brightness, contrast, gpu: bool):
+    """torchvision's brightness (scale) and contrast (blend with the mean luma) in one pass:
+    ``brightness * (mean + contrast * (x - mean))``, whichever of the two comes first."""
+    luma = fn.color_space_conversion(image, image_type=types.RGB, output_type=types.GRAY)
+    if gpu:  # argument inputs must be CPU data: do it with arithmetic beside the image
+        mean = fn.reductions.mean(luma, axes=(0, 1, 2), keep_dims=True)  # (1, 1, 1)
+        return brightness_contrast_arithmetic(image, brightness.gpu(), contrast.gpu(), mean)
+    return fn.brightness_contrast(image, brightness=brightness, contrast=contrast,
+                                  contrast_center=fn.reductions.mean(luma, axes=(0, 1, 2)))
+
+
+def brightness_contrast_arithmetic(image, brightness, contrast, mean):
+    """The GPU form of :func:`_brightness_contrast` (all inputs on the image's device)."""
+    return _to_uint8((mean + contrast * (image - mean)) * brightness)
+
+
+def _color_jitter(image, gpu: bool):
+    """Brightness, contrast, saturation and hue with random factors, as two fused passes."""
+    brightness = _uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
+    contrast = _uniform(1 - CONTRAST, 1 + CONTRAST)
+    saturation = _uniform(1 - SATURATION, 1 + SATURATION)
+    hue_degrees = _uniform(-HUE * 360, HUE * 360)  # torchvision's hue factor is in turns
+    image = _brightness_contrast(image, brightness, contrast, gpu)
+    return fn.hsv(image, hue=hue_degrees, saturation=saturation)
+
+
+def _solarize(image):
+    """Invert the pixels at or above the threshold: v -> 255 - v."""
+    return fn.cast(image + (image >= SOLARIZE_THRESHOLD) * (255 - 2 * image), dtype=types.UINT8)
+
+
+def _view(image, spec: ViewSpec, gpu: bool, out_dtype):
+    """One crop slot of the recipe: ``(3, size, size)`` normalised floats per sample."""
+    image = fn.random_resized_crop(image, size=(spec.size, spec.size), random_area=spec.scale,
+                                   random_aspect_ratio=CROP_RATIO, num_attempts=10,
+                                   interp_type=types.INTERP_CUBIC, antialias=True)
+    if _coin(JITTER_P):
+        image = _color_jitter(image, gpu)
+    if _coin(GRAYSCALE_P):
+        image = fn.saturation(image, saturation=0.0)  # luma 0.299/0.587/0.114 in all 3 channels
+    if _coin(spec.blur_p):
+        image = fn.gaussian_blur(image, sigma=_uniform(*BLUR_RADIUS))
+    if _coin(spec.solarize_p):
+        image = _solarize(image)
+    return fn.crop_mirror_normalize(image, dtype=out_dtype, output_layout="CHW",
+                                    mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
+                                    mirror=_coin(FLIP_P))
+
+
+@pipeline_def(enable_conditionals=True)
+def multicrop_pipeline(files: list[str], specs: list[ViewSpec], gpu: bool, half: bool):
+    """The views of ``files``, read in the given order: one output per crop slot."""
+    encoded, _ = fn.readers.file(files=files, random_shuffle=False, name="reader")
+    decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                **({"device_memory_padding": _DEVICE_PADDING,
+                                    "host_memory_padding": _HOST_PADDING} if gpu else {}))
+    out_dtype = types.FLOAT16 if half else types.FLOAT
+    return tuple(_view(decoded, spec, gpu, out_dtype) for spec in specs)

@@ -1,0 +1,109 @@
+"""The training loaders behind one factory, :func:`build_loader`.
+
+``kind="torch"``: the torchvision reference (PIL decoding and :class:`DataAugmentationDINO` in
+DataLoader workers). ``kind="dali"``: the NVIDIA DALI pipeline (``dino_fast.data.dali``).
+``kind="auto"``: DALI when it is installed and the training device is CUDA, else torch.
+
+Both yield, per step, ``(crops, labels)``: ``crops`` the list ``[global_1, global_2, local_1 ..
+local_N]`` of ``(B, 3, H, W)`` normalised tensors on ``device`` in ``dtype``, ``labels`` a
+``(B,)`` int64 tensor (``-1`` for images without a class folder). Call ``set_epoch(e)`` before
+each epoch: the order and the crops are a function of ``(seed, epoch)`` only.
+"""
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import DataAugmentationDINO
+from .folder import ImageFolderDataset, bundled_data_path
+from .sampling import EpochPlan
+
+KINDS = ("auto", "torch", "dali")
+CPU = torch.device("cpu")
+
+
+class _SeededViews(Dataset):
+    """``item = (index, seed)`` -> (the multi-crop views of image ``index``, its label)."""
+
+    def __init__(self, dataset: ImageFolderDataset, augment: DataAugmentationDINO):
+        self.dataset, self.augment = dataset, augment
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.dataset.load(index)
+        return self.augment(image, torch.Generator().manual_seed(seed)), label
+
+
+class _EpochBatches:
+    """The DataLoader's batch sampler: the plan's batches for the current epoch."""
+
+    def __init__(self, plan: EpochPlan):
+        self.plan, self.epoch = plan, 0
+
+    def __len__(self):
+        return self.plan.steps
+
+    def __iter__(self):
+        return iter(self.plan.batches(self.epoch))
+
+
+class TorchLoader:
+    """The torchvision reference loader (see the module docstring for the contract)."""
+
+    kind = "torch"
+
+    def __init__(self, dataset: ImageFolderDataset, plan: EpochPlan, augment: DataAugmentationDINO,
+                 num_workers: int, device: torch.device, dtype: torch.dtype):
+        self.dataset, self.device, self.dtype = dataset, torch.device(device), dtype
+        self._batches = _EpochBatches(plan)
+        self._loader = DataLoader(
+            _SeededViews(dataset, augment), batch_sampler=self._batches, num_workers=num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
+            prefetch_factor=2 if num_workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_epoch(self, epoch: int):
+        """Select the epoch whose order and crops the next iteration yields."""
+        self._batches.epoch = epoch
+
+    def __iter__(self):
+        for crops, labels in self._loader:
+            yield ([c.to(self.device, non_blocking=True).to(self.dtype) for c in crops],
+                   labels.to(self.device, non_blocking=True))
+
+
+def resolve_kind(kind: str, device: torch.device) -> str:
+    """``torch`` or ``dali``: ``auto`` is DALI when it imports and ``device`` is CUDA."""
+    if kind not in KINDS:
+        raise ValueError(f"loader kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind != "auto":
+        return kind
+    from .dali import dali_available
+    return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
+
+
+def build_loader(kind="auto", data_path=None, batch_size=64, num_workers=4,
+                 global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
+                 local_crops_number=8, rank=0, world_size=1, seed=0,
+                 device=CPU, dtype=torch.float32, skip_bad_images=False,
+                 global_size=224, local_size=96):
+    """A multi-crop DINO loader over ``data_path`` (the bundled photos when None).
+
+    ``batch_size`` is per process; each of the ``world_size`` ranks reads a disjoint shard.
+    ``num_workers`` is DataLoader workers (torch) or decoding threads (DALI). ``len(loader)`` is
+    the number of steps per epoch (drop-last). A bad image is an error naming the file, or,
+    with ``skip_bad_images``, replaced by the next readable one and logged.
+    """
+    kind = resolve_kind(kind, device)
+    dataset = ImageFolderDataset(data_path or bundled_data_path(), skip_bad_images=skip_bad_images)
+    plan = EpochPlan(len(dataset), batch_size, rank, world_size, seed, root=dataset.root)
+    augment = DataAugmentationDINO(global_crops_scale, local_crops_scale, local_crops_number,
+                                   global_size, local_size)
+    if kind == "dali":
+        from .dali import DaliLoader
+        return DaliLoader(dataset, plan, augment.specs, num_threads=max(1, num_workers),
+                          device=device, dtype=dtype)
+    return TorchLoader(dataset, plan, augment, num_workers, device, dtype)
