@@ -33,12 +33,14 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # a list of Python floats: torch.compile treats them as constants (a NumPy element
+        # would become a data-dependent symbolic float)
         self.teacher_temp_schedule = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs).tolist()
 
     def forward(self, student_output, teacher_output, epoch):
         """The loss of student logits ``[ncrops*B, K]`` against teacher logits ``[2*B, K]``."""
-        temp = float(self.teacher_temp_schedule[epoch])
+        temp = self.teacher_temp_schedule[epoch]
         loss, teacher_mean = dino_loss(student_output, teacher_output, self.center,
                                        self.ncrops, self.student_temp, temp)
         self.update_center(teacher_mean)
