@@ -1,7 +1,7 @@
 """Timing and reporting shared by every benchmark runner (and importable by tests).
 
 Times are medians over repeats after a warm-up: CUDA events on a GPU, ``perf_counter`` on the
-CPU. Each runner builds rows with :func:`row` and prints one table with :func:`print_table`;
+CPU. Each runner builds rows (dicts) and prints one table with :func:`print_table`;
 speed-ups are always against a baseline measured in the same run.
 """
 import json

@@ -1,0 +1,96 @@
+"""Attention-map inference: ONNX Runtime vs PyTorch eager vs ``torch.compile``, one table.
+
+Every row computes the same thing on the same input: the last-block CLS attention and the CLS
+features of a ViT (``forward_with_attention``; the exported graph of ``python -m
+dino_fast.export``), results on the host. Latency is the median per call, images/s is
+batch / latency, speed-ups are against PyTorch eager fp32 at the same batch. torch and ONNX
+Runtime use the same number of CPU threads. On a GPU, ONNX Runtime fp16 and PyTorch bf16
+autocast rows are added.
+
+    python benchmarks/inference.py [--arch vit_small --patch_size 16 --image_size 224]
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import measure, print_table, write_results  # noqa: E402
+from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
+from dino_fast.models import build_vit  # noqa: E402
+from dino_fast.ops import use_backend  # noqa: E402
+
+
+def torch_runner(vit, autocast_dtype=None):
+    """A function of ``images`` returning host attentions and features, in PyTorch."""
+    device = next(vit.parameters()).device
+
+    def run(images):
+        with torch.no_grad(), torch.autocast(device.type, autocast_dtype or torch.float32,
+                                             enabled=autocast_dtype is not None):
+            features, attn = vit.forward_with_attention(images)
+        return attn[:, :, 0, 1:].float().cpu(), features.float().cpu()
+    return run
+
+
+def onnx_runner(vit, folder: str, arch: str, threads: int, fp16: bool = False):
+    """The same function served by ONNX Runtime from a freshly exported dynamic model."""
+    path = os.path.join(folder, f"{arch}{'_fp16' if fp16 else ''}.onnx")
+    export_onnx(vit, path, fp16=fp16, arch=arch)
+    return AttentionMapPredictor(path, threads=threads).run
+
+
+def runners(vit, arch: str, threads: int, folder: str, compile_: bool) -> dict:
+    """The backends to compare, by name (eager fp32 first: the baseline)."""
+    cuda = next(vit.parameters()).is_cuda
+    named = {"pytorch eager fp32": torch_runner(vit)}
+    if cuda:
+        named["pytorch eager bf16"] = torch_runner(vit, torch.bfloat16)
+    if compile_:
+        named["torch.compile fp32"] = torch_runner(torch.compile(vit))
+    named["onnxruntime fp32"] = onnx_runner(vit, folder, arch, threads)
+    if cuda:
+        named["onnxruntime fp16"] = onnx_runner(vit, folder, arch, threads, fp16=True)
+    return named
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--output", help="also write the table to this results file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vit = build_vit(args.arch, args.patch_size).eval()
+    vit.set_attn_backend("eager")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, use_backend("reference"):
+        named = runners(vit.to(device), args.arch, args.threads, folder, not args.no_compile)
+        for batch in args.batch_sizes:
+            images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+            host = images.cpu().numpy()
+            baseline = None
+            for name, run in named.items():
+                data = host if name.startswith("onnxruntime") and device.type == "cpu" else images
+                ms = measure(lambda: run(data), warmup=2, repeats=args.repeats, device=device)
+                baseline = baseline or ms
+                rows.append({"backend": name, "batch": batch, "latency ms": ms,
+                             "images/s": batch * 1e3 / ms, "speed-up vs eager": baseline / ms})
+    table = print_table(rows, ["backend", "batch", "latency ms", "images/s", "speed-up vs eager"],
+                        title=f"Attention-map inference, {args.arch}/{args.patch_size} at "
+                              f"{args.image_size}, {device.type}, {args.threads} threads")
+    if args.output:
+        write_results(args.output, table)
+
+
+if __name__ == "__main__":
+    main()

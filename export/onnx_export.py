@@ -1,0 +1,129 @@
+"""Export a DINO ViT to ONNX: ``images`` in, last-block CLS ``attentions`` and ``features`` out.
+
+``python -m dino_fast.export --checkpoint CKPT --output model.onnx`` reads our checkpoints, the
+official DINO ones (``teacher`` by default, ``--key student``) and plain backbone state dicts. The
+graph (see :mod:`dino_fast.export.exportable`) takes any batch and any image size that is a
+multiple of the patch size, or one fixed ``--image_size H W``. Export always runs the reference
+attention path (``dino_fast.ops.use_backend("reference")``, eager attention). Before returning,
+the model is checked with ``onnx.checker`` and ONNX Runtime's outputs are compared with PyTorch's.
+"""
+import argparse
+import copy
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from dino_fast.export.exportable import AttentionMapModel
+from dino_fast.export.predictor import METADATA_PREFIX, AttentionMapPredictor
+from dino_fast.ops import use_backend
+from dino_fast.visualize import add_model_args, detect_arch, load_model
+
+DEFAULT_OPSET = 18
+
+
+def model_metadata(vit, arch: str, image_size, fp16: bool) -> dict[str, str]:
+    """What the predictor needs to know about the graph, stored in the ONNX metadata."""
+    return {"arch": arch, "patch_size": str(vit.patch_embed.patch_size),
+            "num_heads": str(vit.blocks[-1].attn.num_heads), "embed_dim": str(vit.embed_dim),
+            "image_size": "dynamic" if image_size is None else "x".join(map(str, image_size)),
+            "precision": "fp16" if fp16 else "fp32"}
+
+
+def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp16: bool = False,
+                opset: int = DEFAULT_OPSET, arch: str = "", optimize: bool = False,
+                check: bool = True) -> float | None:
+    """Export ``vit`` to ``output``; returns the max error against PyTorch when ``check``.
+
+    ``image_size=(H, W)`` fixes the input size (precomputed positional embeddings); otherwise
+    height and width are dynamic; the batch always is. ``fp16`` computes in half precision
+    (inputs and outputs stay float32). ``optimize`` saves ONNX Runtime's offline-optimised graph
+    (fused MatMul+Add and LayerNorm), which then runs only on the ONNX Runtime build that wrote it.
+    """
+    patch = vit.patch_embed.patch_size
+    if image_size is not None and any(s <= 0 or s % patch for s in image_size):
+        raise ValueError(f"--image_size {image_size} must be positive multiples of the patch "
+                         f"size {patch}")
+    vit = vit.eval()
+    vit.set_attn_backend("eager")
+    graph = AttentionMapModel(copy.deepcopy(vit) if fp16 else vit, image_size,
+                              torch.float16 if fp16 else torch.float32).eval()
+    if fp16:
+        graph.half()
+    example = torch.randn(2, 3, *(image_size or (224, 224)))
+    dynamic = (0,) if image_size else (0, 2, 3)  # the batch is always dynamic
+    dims = {"images": {axis: torch.export.Dim.DYNAMIC for axis in dynamic}}
+    with use_backend("reference"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(graph, (example,), input_names=["images"],
+                                    output_names=["attentions", "features"], dynamic_shapes=dims,
+                                    opset_version=opset, dynamo=True, verbose=False)
+    program.model.metadata_props.update(
+        {METADATA_PREFIX + k: v for k, v in model_metadata(vit, arch, image_size, fp16).items()})
+    program.save(output)
+    if optimize:
+        _optimize_in_place(output)
+    return check_onnx(output, vit, image_size, fp16) if check else None
+
+
+def _optimize_in_place(path: str):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = path
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def check_onnx(path: str, vit, image_size=None, fp16: bool = False) -> float:
+    """``onnx.checker`` on ``path``, then ONNX Runtime vs PyTorch on a random input.
+
+    Prints and returns the max absolute error of the attentions; raises if it is above 1e-4
+    (fp32) or 1e-2 (fp16), or if the features' error is above that times their largest value.
+    """
+    import onnx
+
+    onnx.checker.check_model(path)
+    patch = vit.patch_embed.patch_size
+    size = image_size or (14 * patch, 10 * patch)  # off the training grid: interpolation runs
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    attentions, features = AttentionMapPredictor(path).run(images.numpy())
+    with use_backend("reference"), torch.no_grad():
+        ref_features, ref_attn = vit.forward_with_attention(images)
+    attn_error = float(np.abs(attentions - ref_attn[:, :, 0, 1:].numpy()).max())
+    feat_error = float(np.abs(features - ref_features.numpy()).max())
+    feat_scale = float(ref_features.abs().max())
+    print(f"ONNX Runtime vs PyTorch at {size[0]}x{size[1]}: max abs error attentions "
+          f"{attn_error:.3g}, features {feat_error:.3g} (feature scale {feat_scale:.3g})")
+    tol = 1e-2 if fp16 else 1e-4
+    if attn_error > tol or feat_error > tol * max(1.0, feat_scale):
+        raise RuntimeError(f"the exported model {path} disagrees with PyTorch beyond {tol}")
+    return attn_error
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dino_fast.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
+                        help="fix the input size (default: dynamic batch and size)")
+    parser.add_argument("--fp16", action="store_true", help="compute in float16 (for GPUs)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--optimize", "--simplify", action="store_true",
+                        help="save ONNX Runtime's optimised graph (fusions, constant folding)")
+    parser.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime check")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Command line entry point of ``python -m dino_fast.export``."""
+    args = parse_args(argv)
+    vit = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
+    arch = args.arch or detect_arch(vit.state_dict())[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    export_onnx(vit, args.output, tuple(args.image_size) if args.image_size else None, args.fp16,
+                args.opset, arch, args.optimize, check=not args.no_check)
+    print(f"wrote {args.output} ({arch}/{vit.patch_embed.patch_size}, "
+          f"{'fixed ' + 'x'.join(map(str, args.image_size)) if args.image_size else 'dynamic'} "
+          f"size, {'fp16' if args.fp16 else 'fp32'})")
