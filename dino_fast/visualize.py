@@ -12,10 +12,9 @@ import warnings
 import torch
 
 from dino_fast.attention_maps import cls_patch_attention, load_image, save_attention_maps
-from dino_fast.models import ARCHS, build_vit, extract_state_dict, load_pretrained
+from dino_fast.models import ARCH_DIMS, ARCHS, build_vit, extract_state_dict, load_pretrained
 from dino_fast.ops import use_backend
 
-EMBED_DIMS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}  # as dino_fast.models builds them
 
 
 def detect_arch(state_dict: dict) -> tuple[str, int] | None:
@@ -24,7 +23,7 @@ def detect_arch(state_dict: dict) -> tuple[str, int] | None:
     weight = state.get("patch_embed.proj.weight")  # (dim, 3, p, p)
     if weight is None or weight.ndim != 4:
         return None
-    arch = next((a for a, dim in EMBED_DIMS.items() if dim == weight.shape[0]), None)
+    arch = next((a for a, (dim, _) in ARCH_DIMS.items() if dim == weight.shape[0]), None)
     return (arch, int(weight.shape[-1])) if arch else None
 
 

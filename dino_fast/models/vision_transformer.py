@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dino_fast.ops import attention as attention_op
 
 ATTN_BACKENDS = ("eager", "sdpa", "triton", "xformers")
+ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # (dim, heads)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -265,14 +266,14 @@ def _vit(embed_dim, num_heads, patch_size=16, **kwargs):
 
 def vit_tiny(patch_size=16, **kwargs):
     """ViT-Tiny: dim 192, 3 heads, depth 12."""
-    return _vit(192, 3, patch_size, **kwargs)
+    return _vit(*ARCH_DIMS["vit_tiny"], patch_size, **kwargs)
 
 
 def vit_small(patch_size=16, **kwargs):
     """ViT-Small: dim 384, 6 heads, depth 12."""
-    return _vit(384, 6, patch_size, **kwargs)
+    return _vit(*ARCH_DIMS["vit_small"], patch_size, **kwargs)
 
 
 def vit_base(patch_size=16, **kwargs):
     """ViT-Base: dim 768, 12 heads, depth 12."""
-    return _vit(768, 12, patch_size, **kwargs)
+    return _vit(*ARCH_DIMS["vit_base"], patch_size, **kwargs)
