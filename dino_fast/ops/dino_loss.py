@@ -112,10 +112,13 @@ def _(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled [S, K] grad for the unused outputs
 
 
 def _backward(ctx, grad_loss, grad_teacher_mean, grad_grad):
     (grad_student,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 7
     return (grad_student * grad_loss.to(grad_student.dtype),) + (None,) * 6
 
 

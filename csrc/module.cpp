@@ -1,0 +1,104 @@
+// dino_fast._C: the C++ CPU kernels (csrc/*.cpp) bound with pybind11 over buffer views, without
+// torch headers. dino_fast/ops/_cpp.py passes zero-copy numpy views of torch tensors (bfloat16 as
+// its uint16 bit pattern) and preallocated outputs; this file checks them and releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+
+namespace dino_fast {
+double dino_loss_fwd(const void* student, bool student_bf16, const void* teacher,
+                     bool teacher_bf16, const float* center, int64_t batch, int64_t k,
+                     int64_t ncrops, float student_temp, float teacher_temp, void* grad,
+                     float* teacher_mean, int threads);
+void ema_(float* teacher, const float* student, int64_t n, float momentum, int threads);
+}  // namespace dino_fast
+
+namespace {
+
+// A checked C-contiguous buffer of float32 ("f") or bfloat16 bits ("H", as uint16).
+struct Buffer {
+  py::buffer_info info;
+  bool bf16;
+
+  Buffer(const py::buffer& buffer, const char* name, bool writable, bool allow_bf16)
+      : info(buffer.request(writable)) {
+    const bool f32 = info.format == py::format_descriptor<float>::format();
+    bf16 = allow_bf16 && info.format == py::format_descriptor<uint16_t>::format();
+    if (!f32 && !bf16)
+      throw std::invalid_argument(std::string(name) + ": expected a float32" +
+                                  (allow_bf16 ? " or bfloat16 (as uint16)" : "") +
+                                  " buffer, got format '" + info.format + "'");
+    py::ssize_t expected = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+      if (info.shape[d] > 1 && info.strides[d] != expected)
+        throw std::invalid_argument(std::string(name) + ": the buffer must be C-contiguous");
+      expected *= info.shape[d];
+    }
+  }
+
+  void require_size(const char* name, int64_t numel) const {
+    if (info.size != numel)
+      throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(numel) +
+                                  " elements, got " + std::to_string(info.size));
+  }
+};
+
+int64_t checked_positive(const char* name, int64_t value) {
+  if (value < 0) throw std::invalid_argument(std::string(name) + " must be >= 0");
+  return value;
+}
+
+double dino_loss_fwd(const py::buffer& student, const py::buffer& teacher,
+                     const py::buffer& center, const py::object& grad,
+                     const py::buffer& teacher_mean, int64_t batch, int64_t k, int64_t ncrops,
+                     double student_temp, double teacher_temp, int threads) {
+  checked_positive("batch", batch);
+  checked_positive("k", k);
+  if (ncrops < 2) throw std::invalid_argument("ncrops must be >= 2");
+  Buffer s(student, "student", false, true), t(teacher, "teacher", false, true);
+  Buffer c(center, "center", false, false), mean(teacher_mean, "teacher_mean", true, false);
+  s.require_size("student", ncrops * batch * k);
+  t.require_size("teacher", 2 * batch * k);
+  c.require_size("center", k);
+  mean.require_size("teacher_mean", k);
+  void* grad_ptr = nullptr;
+  if (!grad.is_none()) {
+    Buffer g(grad.cast<py::buffer>(), "grad", true, true);
+    g.require_size("grad", ncrops * batch * k);
+    if (g.bf16 != s.bf16) throw std::invalid_argument("grad must have the student's dtype");
+    grad_ptr = g.info.ptr;  // the numpy array behind `grad` keeps the memory alive
+  }
+  py::gil_scoped_release release;
+  return dino_fast::dino_loss_fwd(s.info.ptr, s.bf16, t.info.ptr, t.bf16,
+                                  static_cast<const float*>(c.info.ptr), batch, k, ncrops,
+                                  static_cast<float>(student_temp),
+                                  static_cast<float>(teacher_temp), grad_ptr,
+                                  static_cast<float*>(mean.info.ptr), threads < 1 ? 1 : threads);
+}
+
+void ema_(const py::buffer& teacher, const py::buffer& student, double momentum, int threads) {
+  Buffer t(teacher, "teacher", true, false), s(student, "student", false, false);
+  s.require_size("student", t.info.size);
+  py::gil_scoped_release release;
+  dino_fast::ema_(static_cast<float*>(t.info.ptr), static_cast<const float*>(s.info.ptr),
+                  t.info.size, static_cast<float>(momentum), threads < 1 ? 1 : threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dino_fast C++ CPU kernels: the fused DINO loss and the teacher EMA.";
+  m.def("dino_loss_fwd", &dino_loss_fwd, py::arg("student"), py::arg("teacher"),
+        py::arg("center"), py::arg("grad"), py::arg("teacher_mean"), py::arg("batch"),
+        py::arg("k"), py::arg("ncrops"), py::arg("student_temp"), py::arg("teacher_temp"),
+        py::arg("threads"),
+        "Fused DINO loss on row-major [ncrops*B, K] student and [2B, K] teacher logits: returns "
+        "the loss, writes the teacher row mean and (unless grad is None) d loss / d student.");
+  m.def("ema_", &ema_, py::arg("teacher"), py::arg("student"), py::arg("momentum"),
+        py::arg("threads"),
+        "teacher = momentum * teacher + (1 - momentum) * student, in place (flat float32).");
+}
