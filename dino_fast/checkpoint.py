@@ -1,31 +1,46 @@
 """Training checkpoints in the official layout, written atomically.
 
 ``checkpoint.pth`` holds ``{'student', 'teacher', 'optimizer', 'epoch' (the next epoch), 'args',
-'dino_loss'}`` (plus ``fp16_scaler`` with fp16), as official ``main_dino.py`` writes it. A write
-goes to a temporary file in the same folder, is flushed to disk, then renamed over the target,
-so a crash never leaves a torn checkpoint behind.
+'dino_loss'}`` (plus ``fp16_scaler`` with fp16), as official ``main_dino.py`` writes it, and our
+``iteration``: the steps of epoch ``epoch`` already done (0 at an epoch boundary; non-zero only
+when a signal stopped training mid-epoch, official code then restarts that epoch). A write
+goes to ``<path>.tmp`` in the same folder, is flushed to disk, then renamed over the target, so
+a crash never leaves a torn checkpoint behind (at most a torn ``<path>.tmp``, which the next write
+overwrites; a single writer per path is assumed, as only rank 0 writes).
 """
 import os
-import tempfile
 
 import torch
 
 
 def save_atomic(obj, path: str):
-    """``torch.save`` to ``path`` via a temporary file and an atomic rename."""
+    """``torch.save`` to ``path`` via ``<path>.tmp`` and an atomic rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    tmp = f"{path}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)  # make the rename itself durable
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_folder(folder: str):
+    """Flush ``folder``'s entries (POSIX); a no-op where a folder cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str) -> dict:

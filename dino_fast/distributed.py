@@ -52,6 +52,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one process, so that all ranks take the same
+    branch (e.g. stop after a signal that reached only one of them); ``flag`` itself for one
+    process. ``device`` is this process's device (NCCL reduces CUDA tensors only)."""
+    if not is_dist():
+        return flag
+    votes = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
 def cleanup():
     """Leave the process group, if any."""
     if is_dist():

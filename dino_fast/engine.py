@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from dino_fast.distributed import all_reduce_mean
+from dino_fast.ops.dino_loss import dino_loss_terms_reference
 from dino_fast.optim import cancel_gradients_last_layer, clip_gradients
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,7 +45,8 @@ class TrainStep:
         with self._autocast():
             teacher_output = self.teacher(crops[:2])  # only the 2 global views
             student_output = self.student(crops)
-            return self.dino_loss(student_output, teacher_output, epoch)
+            return self.dino_loss(student_output, teacher_output, epoch), student_output, \
+                teacher_output
 
     def __call__(self, crops, epoch, lr, weight_decay, momentum, step=None) -> float:
         """Run one iteration and return the loss; raise NonFiniteLossError on NaN/inf."""
@@ -51,12 +54,13 @@ class TrainStep:
             group["lr"] = lr
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = weight_decay
-        loss = self.forward_loss(crops, epoch)
-        loss_value = loss.item()
+        center = self.dino_loss.center.clone()  # the one this step's loss uses, for the report
+        loss, student_output, teacher_output = self.forward_loss(crops, epoch)
+        # The mean over processes: a NaN on any rank stops every rank (no rank left hanging).
+        loss_value = all_reduce_mean(loss.detach().float().clone()).item()
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {step} (epoch {epoch}); stopping. "
-                "Try a lower --lr, --precision fp32, a smaller --out_dim, or --clip_grad.")
+            raise NonFiniteLossError(self._non_finite_report(
+                loss_value, step, epoch, student_output.detach(), teacher_output.detach(), center))
         self.optimizer.zero_grad(set_to_none=True)
         student = getattr(self.student, "module", self.student)  # unwrap DDP
         if self.scaler is None:
@@ -73,7 +77,31 @@ class TrainStep:
         self.ema.update(momentum)  # runs even when the scaler skipped the step, as official
         return loss_value
 
+    def _non_finite_report(self, loss_value, step, epoch, student_output, teacher_output,
+                           center) -> str:
+        loss = self.dino_loss
+        terms = loss_terms(student_output, teacher_output, center, loss.ncrops,
+                           loss.student_temp, float(loss.teacher_temp_schedule[epoch]))
+        listed = ", ".join(f"(t{iq},s{v})={value:.4g}" for (iq, v), value in terms.items())
+        bad = {name: int((~out.isfinite()).sum()) for name, out in
+               (("student", student_output), ("teacher", teacher_output), ("center", center))}
+        return (f"loss is {loss_value} at step {step} (epoch {epoch}); stopping. Per-pair "
+                f"cross-entropies (teacher view, student view) on this process: {listed}. "
+                f"Non-finite values in the student logits / teacher logits / center: "
+                f"{bad['student']} / {bad['teacher']} / {bad['center']}. The last complete "
+                "checkpoint is left as it was. Try a lower --lr, --precision fp32, a smaller "
+                "--out_dim, or a smaller --clip_grad.")
+
     def _clip_and_freeze(self, student, epoch):
         if self.clip_grad:
             clip_gradients(student, self.clip_grad)
         cancel_gradients_last_layer(epoch, student, self.freeze_last_layer)
+
+
+@torch.no_grad()
+def loss_terms(student_output, teacher_output, center, ncrops, student_temp, teacher_temp) -> dict:
+    """``{(teacher view, student view): cross-entropy}`` as floats (the diagnostic for a
+    non-finite loss)."""
+    terms = dino_loss_terms_reference(student_output.float(), teacher_output.float(),
+                                      center.reshape(-1), ncrops, student_temp, teacher_temp)
+    return {pair: value.item() for pair, value in terms.items()}

@@ -9,7 +9,9 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from dino_fast import distributed as dist_utils
 from dino_fast.checkpoint import load_checkpoint, save_atomic
 from dino_fast.data import build_loader
+from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
 from dino_fast.engine import PRECISIONS, NonFiniteLossError, TrainStep
 from dino_fast.loss import DINOLoss
@@ -92,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--skip_bad_images", action="store_true",
                    help="skip unreadable images (counted in the log) instead of stopping")
+    p.add_argument("--global_crops_size", default=224, type=int,
+                   help="global crop side in pixels (official 224); smaller for quick CPU runs")
+    p.add_argument("--local_crops_size", default=96, type=int,
+                   help="local crop side in pixels (official 96)")
     return p
 
 
@@ -138,8 +145,20 @@ def build_models(args, device):
     return student, teacher
 
 
-def resume(path, student, teacher, optimizer, dino_loss, scaler) -> int:
-    """Restore the training state from ``path``; return the epoch to start from."""
+def checkpoint_on_every_rank(path, device) -> bool:
+    """Whether ``path`` exists. Every process resumes from it, so all must see it or none (an
+    ``--output_dir`` that all nodes share); otherwise every process stops with that cause."""
+    exists = os.path.isfile(path)
+    if dist_utils.any_process(exists, device) and dist_utils.any_process(not exists, device):
+        raise SystemExit(f"{path} exists for some processes only (rank {dist_utils.get_rank()} "
+                         f"{'sees' if exists else 'does not see'} it): --output_dir must be a "
+                         "folder that every node shares")
+    return exists
+
+
+def resume(path, student, teacher, optimizer, dino_loss, scaler) -> tuple[int, int]:
+    """Restore the training state from ``path``; return the epoch and the step in it to start
+    from (the step is non-zero after a signal stopped training mid-epoch)."""
     ckpt = load_checkpoint(path)
     try:
         student.load_state_dict(normalize_keys(ckpt["student"]))
@@ -152,7 +171,7 @@ def resume(path, student, teacher, optimizer, dino_loss, scaler) -> int:
                          f"--out_dim, --patch_size or --optimizer?): {err}") from err
     if scaler is not None and "fp16_scaler" in ckpt:
         scaler.load_state_dict(ckpt["fp16_scaler"])
-    return int(ckpt["epoch"])
+    return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
 
 
 def train(args) -> dict:
@@ -170,7 +189,8 @@ def train(args) -> dict:
         global_crops_scale=tuple(args.global_crops_scale),
         local_crops_scale=tuple(args.local_crops_scale),
         local_crops_number=args.local_crops_number, rank=rank, world_size=world,
-        seed=args.seed, device=device, skip_bad_images=args.skip_bad_images)
+        seed=args.seed, device=device, skip_bad_images=args.skip_bad_images,
+        global_size=args.global_crops_size, local_size=args.local_crops_size)
     iters_per_epoch = min(len(loader), args.max_steps or len(loader))
 
     student, teacher = build_models(args, device)
@@ -195,48 +215,70 @@ def train(args) -> dict:
                                    iters_per_epoch)
     momentum_schedule = cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
 
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if os.path.isfile(ckpt_path):
-        start_epoch = resume(ckpt_path, student_module, teacher, optimizer, dino_loss,
-                             step.scaler)
-        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
-    log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "
-        f"{loader.kind}, {len(loader.dataset)} images, {world} process(es)) for epochs "
-        f"{start_epoch}..{args.epochs - 1}, {iters_per_epoch} steps each")
-
+    if checkpoint_on_every_rank(ckpt_path, device):
+        start_epoch, start_step = resume(ckpt_path, student_module, teacher, optimizer,
+                                         dino_loss, step.scaler)
+        log(f"resuming from {ckpt_path} at epoch {start_epoch}, step {start_step}")
     stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed + 1000 * epoch + rank)  # reproducible across resumes
-        loader.set_epoch(epoch)
-        stats = train_one_epoch(step, loader, epoch, iters_per_epoch, lr_schedule,
-                                wd_schedule, momentum_schedule, args)
-        save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": args,
-                     "dino_loss": dino_loss.state_dict()}
-        if step.scaler is not None:
-            save_dict["fp16_scaler"] = step.scaler.state_dict()
-        if dist_utils.is_main_process():
-            save_atomic(save_dict, ckpt_path)
-            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
+    with StopRequest() as stop:
+        log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "
+            f"{loader.kind}, {len(loader.dataset)} images, {world} process(es)) for epochs "
+            f"{start_epoch}..{args.epochs - 1}, {iters_per_epoch} steps each")
+        for epoch in range(start_epoch, args.epochs):
+            loader.set_epoch(epoch)
+            first = start_step if epoch == start_epoch else 0
+            stats, done = train_one_epoch(step, loader, epoch, first, iters_per_epoch,
+                                          lr_schedule, wd_schedule, momentum_schedule, args,
+                                          stop)
+            finished = done >= iters_per_epoch
+            save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                         "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1 if finished else epoch, "args": args,
+                         "dino_loss": dino_loss.state_dict(), "iteration": 0 if finished else done}
+            if step.scaler is not None:
+                save_dict["fp16_scaler"] = step.scaler.state_dict()
+            if dist_utils.is_main_process():
+                stats = save_and_log(save_dict, stats, epoch, finished, args)
+            if stop.agreed(device):
+                log(f"stopped by a signal after step {done} of epoch {epoch}; {ckpt_path} "
+                    "written: run the same command to resume")
+                break
     return stats
 
 
-def train_one_epoch(step, loader, epoch, iters_per_epoch, lr_schedule, wd_schedule,
-                    momentum_schedule, args) -> dict:
-    """One epoch of at most ``iters_per_epoch`` steps; returns the epoch means."""
+def save_and_log(save_dict, stats, epoch, finished, args) -> dict:
+    """Write ``checkpoint.pth``; after a whole epoch also the periodic copy and the ``log.txt``
+    line, which is returned."""
+    save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+    if not finished:
+        return stats
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+    stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    return stats
+
+
+def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd_schedule,
+                    momentum_schedule, args, stop) -> tuple[dict, int]:
+    """Steps ``first`` .. ``iters_per_epoch - 1`` of ``epoch``, fewer when ``stop`` is requested
+    (the current step is finished first); returns the means over the steps run and the index
+    of the next step."""
     totals = {"loss": 0.0, "lr": 0.0, "wd": 0.0}
     n_images, start, done = 0, time.perf_counter(), 0
-    bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True,
-               disable=not dist_utils.is_main_process(), file=sys.stderr)
+    bar = tqdm(total=iters_per_epoch, initial=first, desc=f"epoch {epoch}/{args.epochs}",
+               dynamic_ncols=True, disable=not dist_utils.is_main_process(), file=sys.stderr)
     for i, (crops, _) in enumerate(loader):
         if i >= iters_per_epoch:
             break
+        if i < first:  # resuming mid-epoch: the loader replays the epoch, skip what was done
+            continue
         it = epoch * iters_per_epoch + i  # global iteration
+        # Random draws (drop-path) depend on (seed, step, rank) only: exact mid-epoch resumes.
+        seed_everything(epoch_seed(args.seed, it, dist_utils.get_rank()))
         loss = step(crops, epoch, lr_schedule[it], wd_schedule[it], momentum_schedule[it], it)
         for key, value in (("loss", loss), ("lr", lr_schedule[it]), ("wd", wd_schedule[it])):
             totals[key] += float(value)
@@ -245,8 +287,41 @@ def train_one_epoch(step, loader, epoch, iters_per_epoch, lr_schedule, wd_schedu
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_schedule[it]:.2e}",
                         img_s=f"{n_images / (time.perf_counter() - start):.1f}")
         bar.update()
+        if stop.agreed(crops[0].device):
+            break
     bar.close()
-    return {key: value / max(done, 1) for key, value in totals.items()}
+    return {key: value / max(done, 1) for key, value in totals.items()}, first + done
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT only raise a flag, so that training finishes the current
+    step, writes a checkpoint and exits cleanly; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise SystemExit(128 + signum)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing the current step, then "
+              "writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, device) -> bool:
+        """True when any process was asked to stop (all ranks then stop at the same step)."""
+        return dist_utils.any_process(self.requested, device)
 
 
 def log(message: str):

@@ -41,7 +41,7 @@ def test_checkpoint_and_log_official_format(two_epochs):
     for name, tensor in list(ckpt["student"].items()) + list(ckpt["teacher"].items()):
         assert torch.isfinite(tensor).all(), name
     assert os.path.exists(out / "checkpoint0000.pth")
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # no temporary leftovers
+    assert not (out / "checkpoint.pth.tmp").exists()  # no temporary leftovers
 
 
 def test_teacher_moved_towards_student(two_epochs):

@@ -9,6 +9,8 @@ local_N]`` of ``(B, 3, H, W)`` normalised tensors on ``device`` in ``dtype``, ``
 ``(B,)`` int64 tensor (``-1`` for images without a class folder). Call ``set_epoch(e)`` before
 each epoch: the order and the crops are a function of ``(seed, epoch)`` only.
 """
+import signal
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -60,7 +62,7 @@ class TorchLoader:
         self._loader = DataLoader(
             _SeededViews(dataset, augment), batch_sampler=self._batches, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=2 if num_workers > 0 else None)
+            prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_ignore_interrupt)
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -73,6 +75,13 @@ class TorchLoader:
         for crops, labels in self._loader:
             yield ([c.to(self.device, non_blocking=True).to(self.dtype) for c in crops],
                    labels.to(self.device, non_blocking=True))
+
+
+def _ignore_interrupt(worker_id: int):
+    """Leave Ctrl-C to the main process, which finishes its step and checkpoints: a terminal's
+    SIGINT reaches the whole process group, and a dead worker would end training mid-step.
+    (SIGTERM stays: the DataLoader stops stuck workers with it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def resolve_kind(kind: str, device: torch.device) -> str:

@@ -29,21 +29,25 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def dino_loss_reference(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                        ncrops: int, student_temp: float, teacher_temp: float):
-    """The official DINO loss; returns ``(loss, teacher_mean)``, the teacher logits' row mean."""
+def dino_loss_terms_reference(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                              ncrops: int, student_temp: float, teacher_temp: float) -> dict:
+    """``{(teacher view, student view): batch-mean cross-entropy}`` for every pair of different
+    views: the terms the DINO loss averages (official loop order)."""
     student_views = (_upcast(student) / student_temp).chunk(ncrops)
     teacher_probs = F.softmax((_upcast(teacher) - center) / teacher_temp, dim=-1)
     teacher_probs = teacher_probs.detach().chunk(2)
-    total, n_terms = 0.0, 0
-    for iq, q in enumerate(teacher_probs):
-        for v, s in enumerate(student_views):
-            if v == iq:  # never compare a view with itself
-                continue
-            total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
-            n_terms += 1
+    return {(iq, v): torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+            for iq, q in enumerate(teacher_probs)
+            for v, s in enumerate(student_views) if v != iq}  # never a view with itself
+
+
+def dino_loss_reference(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                        ncrops: int, student_temp: float, teacher_temp: float):
+    """The official DINO loss; returns ``(loss, teacher_mean)``, the teacher logits' row mean."""
+    terms = dino_loss_terms_reference(student, teacher, center, ncrops, student_temp,
+                                      teacher_temp)
     teacher_mean = _upcast(teacher).detach().mean(dim=0)
-    return total / n_terms, teacher_mean
+    return sum(terms.values()) / len(terms), teacher_mean
 
 
 def check_shapes(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int):

@@ -1,0 +1,123 @@
+"""k-NN evaluation (official ``eval_knn.py`` semantics): the weighted vote against a NumPy
+transcription of the official loop, the per-class split, and the command end to end on a tiny
+synthetic labelled folder."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dino_fast import eval_knn
+from dino_fast.models import build_vit, load_pretrained
+
+
+def knn_numpy(train, train_labels, test, test_labels, k, T, num_classes):
+    """The official loop, one test row at a time: top-k by similarity, exp(sim / T) votes,
+    classes sorted by score; returns (top1 %, top5 %) with top-5 over min(5, k) classes."""
+    top1 = top5 = 0
+    for x, y in zip(test, test_labels):
+        sim = train @ x
+        idx = np.argsort(-sim, kind="stable")[:k]
+        scores = np.zeros(num_classes)
+        for i in idx:
+            scores[train_labels[i]] += np.exp(sim[i] / T)
+        ranked = np.argsort(-scores, kind="stable")
+        top1 += ranked[0] == y
+        top5 += y in ranked[:min(5, k)]
+    return 100.0 * top1 / len(test), 100.0 * top5 / len(test)
+
+
+@pytest.mark.parametrize("k,num_classes,n_train,n_test", [(1, 3, 7, 5), (10, 6, 37, 19),
+                                                          (20, 7, 50, 33)])
+def test_knn_matches_numpy(k, num_classes, n_train, n_test):
+    train = F.normalize(torch.randn(n_train, 16, dtype=torch.float64), dim=1)
+    test = F.normalize(torch.randn(n_test, 16, dtype=torch.float64), dim=1)
+    train_labels = torch.randint(0, num_classes, (n_train,))
+    test_labels = torch.randint(0, num_classes, (n_test,))
+    scores = eval_knn.knn_classify(train, train_labels, test, k, 0.07, num_classes, chunk=4)
+    got = eval_knn.topk_accuracy(scores, test_labels, ks=(1, min(5, k)))
+    want = knn_numpy(train.numpy(), train_labels.numpy(), test.numpy(), test_labels.numpy(), k,
+                     0.07, num_classes)
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_knn_scores_by_hand():
+    # Train points at angles 0, 90 and 180 degrees; test point at 0: sims 1, 0, -1.
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])
+    scores = eval_knn.knn_classify(train, labels, test, k=2, temperature=0.5)
+    torch.testing.assert_close(scores, torch.tensor([[np.exp(2.0), np.exp(0.0)]],
+                                                    dtype=torch.float32))
+    # k above the train-set size is capped: all three vote.
+    scores = eval_knn.knn_classify(train, labels, test, k=200, temperature=0.5)
+    torch.testing.assert_close(scores, torch.tensor([[np.exp(2.0), 1 + np.exp(-2.0)]],
+                                                    dtype=torch.float32))
+
+
+def test_split_is_per_class_and_deterministic():
+    samples = [(f"c{c}/{i}.png", c) for c in range(3) for i in range(10 if c else 1)]
+    train, val = eval_knn.split_samples(samples, 0.2, seed=3)
+    assert sorted(train + val) == sorted(samples)
+    assert [sum(1 for _, y in val if y == c) for c in range(3)] == [1, 2, 2]
+    assert eval_knn.split_samples(samples, 0.2, seed=3) == (train, val)
+    with pytest.raises(ValueError, match="val_split"):
+        eval_knn.split_samples(samples, 1.5)
+
+
+def make_folder(root, counts, size=40):
+    """Class folders of images of one noisy base colour per class."""
+    gen = np.random.default_rng(0)
+    for c, n in enumerate(counts):
+        (root / f"class{c}").mkdir(parents=True)
+        base = gen.integers(0, 256, 3)
+        for i in range(n):
+            pixels = np.clip(base + gen.normal(0, 20, (size, size + 7, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+
+
+def test_command_matches_manual_features(tmp_path):
+    make_folder(tmp_path / "train", [4, 3, 5, 2, 3, 4])
+    make_folder(tmp_path / "val", [2, 1, 2, 1, 1, 2])
+    torch.manual_seed(1)
+    model = build_vit("vit_tiny", 16)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in model.state_dict().items()},
+                "student": {}}, ckpt)
+    results = eval_knn.main(["--checkpoint", str(ckpt), "--arch", "vit_tiny", "--data_path",
+                             str(tmp_path / "train"), "--val_path", str(tmp_path / "val"),
+                             "--image_size", "32", "--nb_knn", "3", "200", "--batch_size", "4",
+                             "--num_workers", "0", "--device", "cpu"])
+    # Recompute by hand: same eval transform, the model's CLS output, NumPy k-NN.
+    fresh = build_vit("vit_tiny", 16)
+    load_pretrained(fresh, str(ckpt))
+    transform = eval_knn.eval_transform(32)
+
+    def feats(folder):
+        ds = eval_knn.labelled_dataset(str(folder), 32)
+        x = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in ds.samples])
+        with torch.no_grad():
+            f = F.normalize(fresh.eval()(x), dim=1).double().numpy()
+        return f, np.array([y for _, y in ds.samples])
+
+    (tr, ytr), (te, yte) = feats(tmp_path / "train"), feats(tmp_path / "val")
+    for k in (3, 200):
+        top1, top5 = knn_numpy(tr, ytr, te, yte, min(k, len(tr)), 0.07, 6)
+        assert results[k]["top1"] == pytest.approx(top1)
+        assert results[k]["top5"] == pytest.approx(top5)
+
+
+def test_top5_only_with_five_classes_and_split(tmp_path):
+    make_folder(tmp_path / "data", [4, 4, 4])
+    results = eval_knn.main(["--arch", "vit_tiny", "--data_path", str(tmp_path / "data"),
+                             "--val_split", "0.25", "--image_size", "32", "--nb_knn", "2",
+                             "--num_workers", "0", "--device", "cpu"])
+    assert results[2]["top5"] is None and 0 <= results[2]["top1"] <= 100
+
+
+def test_unlabelled_folder_is_an_error(tmp_path):
+    make_folder(tmp_path / "data", [2])
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "loose.png")
+    with pytest.raises(SystemExit, match="class sub-folder"):
+        eval_knn.main(["--arch", "vit_tiny", "--data_path", str(tmp_path / "data"),
+                       "--val_split", "0.5", "--device", "cpu"])
