@@ -3,9 +3,10 @@ set lr / weight decay, teacher forward on the 2 global crops, student forward on
 stop if not finite, zero_grad, backward, per-parameter clipping, last-layer freezing, optimizer
 step, teacher EMA.
 
-``forward_loss`` (both forwards and the loss, whose backward AOTAutograd compiles too) is what
-``--compile`` hands to ``torch.compile``; the optimizer stays eager because its lr and weight
-decay change every step, and the EMA is one fused op already.
+``forward`` (the teacher and student forward passes, whose backward AOTAutograd compiles too)
+is what ``--compile`` hands to ``torch.compile``. The loss, the optimizer and the EMA stay eager:
+the loss and the EMA are one fused op each already, and the epoch (the teacher temperature), lr
+and weight decay change during training, which would make a compiled graph recompile.
 """
 import contextlib
 import math
@@ -34,19 +35,17 @@ class TrainStep:
         self.amp_dtype = PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
-        self.forward_loss = torch.compile(self._forward_loss) if compile else self._forward_loss
+        self.forward = torch.compile(self._forward) if compile else self._forward
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
-    def _forward_loss(self, crops, epoch):
+    def _forward(self, crops):
+        """Teacher logits of the 2 global crops and student logits of all crops."""
         with self._autocast():
-            teacher_output = self.teacher(crops[:2])  # only the 2 global views
-            student_output = self.student(crops)
-            return self.dino_loss(student_output, teacher_output, epoch), student_output, \
-                teacher_output
+            return self.teacher(crops[:2]), self.student(crops)
 
     def __call__(self, crops, epoch, lr, weight_decay, momentum, step=None) -> float:
         """Run one iteration and return the loss; raise NonFiniteLossError on NaN/inf."""
@@ -55,7 +54,8 @@ class TrainStep:
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = weight_decay
         center = self.dino_loss.center.clone()  # the one this step's loss uses, for the report
-        loss, student_output, teacher_output = self.forward_loss(crops, epoch)
+        teacher_output, student_output = self.forward(crops)
+        loss = self.dino_loss(student_output, teacher_output, epoch)
         # The mean over processes: a NaN on any rank stops every rank (no rank left hanging).
         loss_value = all_reduce_mean(loss.detach().float().clone()).item()
         if not math.isfinite(loss_value):
