@@ -39,8 +39,11 @@ class TeacherEMA:
             raise ValueError("student and teacher must have the same parameters in the same order")
         self.student_flat = flatten_parameters(student)
         self.teacher_flat = flatten_parameters(teacher)
+        # one device scalar, refilled each step: no host-to-device copy per step
+        self.momentum = torch.zeros((), dtype=torch.float32, device=self.teacher_flat.device)
 
     @torch.no_grad()
     def update(self, momentum):
         """One EMA step with ``momentum`` (a float or a 0-d tensor)."""
-        ema_(self.teacher_flat, self.student_flat, momentum)
+        self.momentum.fill_(momentum)
+        ema_(self.teacher_flat, self.student_flat, self.momentum)

@@ -10,7 +10,7 @@ import torch
 
 from dino_fast.loss import DINOLoss
 from dino_fast.ops import use_backend
-from dino_fast.ops.dino_loss import dino_loss, dino_loss_reference
+from dino_fast.ops.dino_loss import dino_loss
 from tests.conftest import available_backends, device_for
 
 BACKENDS = available_backends()

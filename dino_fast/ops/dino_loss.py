@@ -139,6 +139,10 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
     """
     center = center.reshape(-1)
     check_shapes(student, teacher, center, ncrops)
+    if student.dtype == torch.float16:
+        # The gradient entries (~1 / (K * B * pairs * student_temp)) underflow fp16 before the
+        # loss scaler multiplies them: compute it in float32, cast back after the scaling.
+        student = student.float()
     if _backend.resolve("dino_loss", student.device) == "reference":
         return dino_loss_reference(student, teacher, center, ncrops, student_temp, teacher_temp)
     loss, teacher_mean, _ = dino_loss_fwd(student, teacher.detach(), center.detach(), ncrops,
