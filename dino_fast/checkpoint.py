@@ -8,8 +8,10 @@ goes to ``<path>.tmp`` in the same folder, is flushed to disk, then renamed over
 a crash never leaves a torn checkpoint behind (at most a torn ``<path>.tmp``, which the next write
 overwrites; a single writer per path is assumed, as only rank 0 writes).
 """
+import argparse
 import os
 
+import numpy as np
 import torch
 
 
@@ -43,13 +45,29 @@ def _fsync_folder(folder: str):
         os.close(fd)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a training checkpoint on the CPU; a clear error if it is not one."""
+def _numpy_scalar_globals() -> list:
+    """What unpickling a NumPy float needs (official checkpoints keep the schedules' NumPy floats
+    in the optimizer's param groups)."""
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 / NumPy 1
+    return [core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
+
+
+def load_file(path: str):
+    """``torch.load`` on the CPU that runs no pickled code: tensors, plain containers and numbers,
+    NumPy scalars and the ``argparse.Namespace`` of the saved ``args``."""
+    torch.serialization.add_safe_globals([argparse.Namespace, *_numpy_scalar_globals()])
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a training checkpoint on the CPU; a clear error if it is not one."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"{path} is not a DINO training checkpoint (a {type(ckpt).__name__})")
     missing = [k for k in ("student", "teacher", "optimizer", "epoch") if k not in ckpt]
-    if not isinstance(ckpt, dict) or missing:
+    if missing:
         raise RuntimeError(f"{path} is not a DINO training checkpoint (missing {missing})")
     return ckpt

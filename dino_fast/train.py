@@ -279,7 +279,8 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
         it = epoch * iters_per_epoch + i  # global iteration
         # Random draws (drop-path) depend on (seed, step, rank) only: exact mid-epoch resumes.
         seed_everything(epoch_seed(args.seed, it, dist_utils.get_rank()))
-        loss = step(crops, epoch, lr_schedule[it], wd_schedule[it], momentum_schedule[it], it)
+        loss = step(crops, epoch, float(lr_schedule[it]), float(wd_schedule[it]),
+                    float(momentum_schedule[it]), it)  # Python floats: plain checkpoints
         for key, value in (("loss", loss), ("lr", lr_schedule[it]), ("wd", wd_schedule[it])):
             totals[key] += float(value)
         done += 1

@@ -165,3 +165,24 @@ def test_load_pretrained_parametrize_weight_norm_keys():
 def test_load_pretrained_wrong_arch_lists_keys():
     with pytest.raises(RuntimeError, match="missing keys|shape mismatches"):
         load_pretrained(build_vit("vit_tiny", 16), vit_small().state_dict())
+
+
+class _Payload:
+    """A pickled object that is not a tensor, container or number."""
+
+
+def test_checkpoints_load_without_running_pickled_code(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from dino_fast.checkpoint import load_file
+    model = tiny_vit()
+    official = {"teacher": model.state_dict(), "student": {}, "epoch": 1,
+                "optimizer": {"param_groups": [{"lr": np.float64(0.1)}]},
+                "args": argparse.Namespace(arch="vit_tiny")}
+    torch.save(official, tmp_path / "official.pth")
+    load_pretrained(tiny_vit(), str(tmp_path / "official.pth"))  # NumPy floats and args: fine
+    torch.save({"teacher": _Payload()}, tmp_path / "payload.pth")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        load_file(str(tmp_path / "payload.pth"))

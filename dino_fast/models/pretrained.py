@@ -10,6 +10,8 @@ import os
 import torch
 import torch.nn as nn
 
+from dino_fast.checkpoint import load_file
+
 _PARAMETRIZE_KEYS = {"parametrizations.weight.original0": "weight_g",
                      "parametrizations.weight.original1": "weight_v"}
 
@@ -17,7 +19,7 @@ _PARAMETRIZE_KEYS = {"parametrizations.weight.original0": "weight_g",
 def extract_state_dict(checkpoint, key: str = "teacher") -> dict:
     """The state dict inside ``checkpoint`` (a path or a loaded object), under ``key`` if present."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = load_file(checkpoint)
     if not isinstance(checkpoint, dict):
         raise TypeError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
     if key in checkpoint and isinstance(checkpoint[key], dict):
