@@ -21,37 +21,45 @@ _HEAT_ANCHORS = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9)
                          dtype=np.float64)
 
 
-def resized_shape(height: int, width: int, image_size, patch_size: int) -> tuple[int, int]:
-    """``(H, W)`` an image is resized to: multiples of ``patch_size``, at least one patch.
-
-    ``image_size``: None keeps the image's size, one int (or a 1-sequence) scales the shorter side
-    to it keeping the aspect ratio, ``(H, W)`` resizes to exactly that. Each side is then rounded
-    down to a multiple of the patch size.
-    """
+def _resize_target(height: int, width: int, image_size, patch_size: int) -> tuple[int, int]:
+    """``(H, W)`` the image is resized to before the crop, as torchvision's ``Resize``: None keeps
+    the size, one int (or a 1-sequence) scales the shorter side to it keeping the aspect ratio,
+    ``(H, W)`` is exact. Each side is at least one patch."""
     if image_size is not None and not isinstance(image_size, int) and len(image_size) == 1:
         image_size = image_size[0]
     if image_size is None:
         size = (height, width)
     elif isinstance(image_size, int):
-        ratio = image_size / min(height, width)
-        size = (round(height * ratio), round(width * ratio))
+        short, long = sorted((height, width))
+        scaled = (image_size, int(image_size * long / short))
+        size = scaled if height <= width else scaled[::-1]
     else:
         size = tuple(image_size)
     if min(size) <= 0:
         raise ValueError(f"image size must be positive, got {image_size}")
-    return tuple(max(patch_size, s - s % patch_size) for s in size)
+    return tuple(max(patch_size, s) for s in size)
+
+
+def resized_shape(height: int, width: int, image_size, patch_size: int) -> tuple[int, int]:
+    """``(H, W)`` of the model input: the resize target (see ``_resize_target``) cropped down to
+    multiples of ``patch_size``."""
+    return tuple(s - s % patch_size
+                 for s in _resize_target(height, width, image_size, patch_size))
 
 
 def load_image(path, image_size, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The image at ``path`` resized (see :func:`resized_shape`), as ``(rgb, normalised)``.
+    """The image at ``path`` as the official ``visualize_attention.py`` prepares it: resized
+    (bilinear, see :func:`resized_shape`), then cropped at the bottom and right to multiples of
+    the patch size. Returns ``(rgb, normalised)``.
 
     ``rgb`` is uint8 ``[H, W, 3]`` for the overlays, ``normalised`` float32 ``[3, H, W]`` with the
     ImageNet mean and std, the model's input. An unreadable file raises
     :class:`dino_fast.data.BadImageError` naming it.
     """
     img = load_rgb(str(path))
-    height, width = resized_shape(img.height, img.width, image_size, patch_size)
-    rgb = np.asarray(img.resize((width, height), Image.BICUBIC))  # (H, W, 3)
+    height, width = _resize_target(img.height, img.width, image_size, patch_size)
+    crop_h, crop_w = resized_shape(img.height, img.width, image_size, patch_size)
+    rgb = np.asarray(img.resize((width, height), Image.BILINEAR))[:crop_h, :crop_w]  # (H, W, 3)
     normalised = (rgb.astype(np.float32) / 255 - MEAN) / STD
     return rgb, normalised.transpose(2, 0, 1).astype(np.float32)  # (3, H, W)
 

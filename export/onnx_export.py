@@ -45,7 +45,7 @@ def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp1
     if image_size is not None and any(s <= 0 or s % patch for s in image_size):
         raise ValueError(f"--image_size {image_size} must be positive multiples of the patch "
                          f"size {patch}")
-    vit = vit.eval()
+    vit = copy.deepcopy(vit).eval()  # the caller's model keeps its mode and attention backend
     vit.set_attn_backend("eager")
     graph = AttentionMapModel(copy.deepcopy(vit) if fp16 else vit, image_size,
                               torch.float16 if fp16 else torch.float32).eval()

@@ -79,6 +79,8 @@ class AttentionMapPredictor:
             images = images.float().contiguous()
             if images.device.type != "cuda":
                 images = images.cuda()
+            import torch  # images is a torch tensor, so torch is installed
+            torch.cuda.current_stream(images.device).synchronize()  # ORT reads on its own stream
             binding.bind_input("images", "cuda", images.device.index or 0, np.float32,
                                tuple(images.shape), images.data_ptr())
         for name in OUTPUTS:
