@@ -1,5 +1,6 @@
 """The DINO recipe against the official semantics (../shared/REFERENCE.md): loss and center,
 schedules, parameter groups, clipping, last-layer freezing, LARS, and the teacher EMA."""
+import copy
 import math
 
 import numpy as np
@@ -8,11 +9,12 @@ import torch
 import torch.nn as nn
 
 from dino_fast.ema import TeacherEMA, flatten_parameters
+from dino_fast.engine import TrainStep
 from dino_fast.loss import DINOLoss, teacher_temp_schedule
 from dino_fast.models import DINOHead, MultiCropWrapper, VisionTransformer
 from dino_fast.ops import use_backend
-from dino_fast.optim import (LARS, cancel_gradients_last_layer, clip_gradients,
-                             get_params_groups)
+from dino_fast.optim import (LARS, build_optimizer, cancel_gradients_last_layer,
+                             clip_gradients, get_params_groups)
 from dino_fast.schedules import cosine_scheduler
 
 
@@ -150,3 +152,46 @@ def test_flatten_parameters_keeps_values_and_aliases():
         torch.testing.assert_close(v, before[k])
     flat.zero_()
     assert all(torch.all(p == 0) for p in model.parameters())
+
+
+def test_train_step_equals_a_hand_written_official_step():
+    student, teacher = small_student(), small_student()
+    teacher.load_state_dict(student.state_dict())
+    ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    loss_fn, ref_loss_fn = DINOLoss(9, 3, 0.04, 0.04, 0, 1), DINOLoss(9, 3, 0.04, 0.04, 0, 1)
+    ema = TeacherEMA(student, teacher)
+    # SGD: linear in the gradients (Adam's first step, ~lr * sign(g), would amplify last-bit
+    # differences between the fused and the reference loss)
+    step = TrainStep(student, teacher, loss_fn, build_optimizer("sgd", get_params_groups(student)),
+                     ema, clip_grad=0.5, freeze_last_layer=1)
+    step(crops, 0, 1e-2, 0.1, 0.9)
+
+    # main_dino.py, written out: schedules on the groups, forward, loss, zero_grad, backward,
+    # per-parameter clipping, last layer frozen in epoch 0, SGD, EMA loop.
+    optimizer = torch.optim.SGD(get_params_groups(ref_student), lr=0, momentum=0.9)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = 1e-2
+        if i == 0:
+            group["weight_decay"] = 0.1
+    with use_backend("reference"):
+        loss = ref_loss_fn(ref_student(crops), ref_teacher(crops[:2]), 0)
+    optimizer.zero_grad()
+    loss.backward()
+    for p in ref_student.parameters():
+        if p.grad is not None:
+            coef = 0.5 / (p.grad.norm(2) + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+    for name, p in ref_student.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+    optimizer.step()
+    with torch.no_grad():
+        for q, k in zip(ref_student.parameters(), ref_teacher.parameters()):
+            k.mul_(0.9).add_((1 - 0.9) * q)
+    for ours, theirs in ((student, ref_student), (teacher, ref_teacher)):
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(loss_fn.center, ref_loss_fn.center)
+    assert not torch.equal(student.head.mlp[0].weight, small_student().head.mlp[0].weight)
