@@ -23,14 +23,17 @@ from dino_fast.models import build_vit  # noqa: E402
 from dino_fast.ops import use_backend  # noqa: E402
 
 
-def torch_runner(vit, autocast_dtype=None):
+def torch_runner(vit, autocast_dtype=None, compile_=False):
     """A function of ``images`` returning host attentions and features, in PyTorch."""
     device = next(vit.parameters()).device
+    forward = vit.forward_with_attention
+    if compile_:  # compile the method that runs (torch.compile(vit) would compile forward only)
+        forward = torch.compile(forward)
 
     def run(images):
         with torch.no_grad(), torch.autocast(device.type, autocast_dtype or torch.float32,
                                              enabled=autocast_dtype is not None):
-            features, attn = vit.forward_with_attention(images)
+            features, attn = forward(images)
         return attn[:, :, 0, 1:].float().cpu(), features.float().cpu()
     return run
 
@@ -49,7 +52,7 @@ def runners(vit, arch: str, threads: int, folder: str, compile_: bool) -> dict:
     if cuda:
         named["pytorch eager bf16"] = torch_runner(vit, torch.bfloat16)
     if compile_:
-        named["torch.compile fp32"] = torch_runner(torch.compile(vit))
+        named["torch.compile fp32"] = torch_runner(vit, compile_=True)
     named["onnxruntime fp32"] = onnx_runner(vit, folder, arch, threads)
     if cuda:
         named["onnxruntime fp16"] = onnx_runner(vit, folder, arch, threads, fp16=True)

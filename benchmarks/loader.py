@@ -10,10 +10,11 @@ prints one table with the speed-up over torch. Build the corpus first:
 """
 import argparse
 import itertools
+import time
 
 import torch
 
-from benchmarks.common import environment, measure, print_table, write_results
+from benchmarks.common import environment, print_table, write_results
 from dino_fast.data import build_loader
 from dino_fast.data.dali import dali_available
 
@@ -26,13 +27,21 @@ def endless_batches(loader):
 
 
 def images_per_second(kind: str, args, device: torch.device) -> float:
-    """Steady-state throughput of one loader: median time per batch after a warm-up."""
+    """Steady-state throughput of one loader: images over the wall time of ``steps`` batches
+    after a warm-up (prefetching makes single-batch times bursty, so no median per batch)."""
     loader = build_loader(kind=kind, data_path=args.data, batch_size=args.batch,
                           num_workers=args.threads, local_crops_number=10, device=device)
     batches = endless_batches(loader)
-    ms_per_batch = measure(lambda: next(batches), warmup=args.warmup, repeats=args.steps,
-                           device=device)
-    return args.batch * 1e3 / ms_per_batch
+    for _ in range(args.warmup):
+        next(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        next(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch / (time.perf_counter() - start)
 
 
 def main():

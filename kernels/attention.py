@@ -264,10 +264,10 @@ def _configs(tiles, interpreted_tile):
             for m, n, w, s in tiles]
 
 
-# Keyed on the length and head dim (the dtype is part of Triton's key): DINO has few distinct
-# shapes (2 crop sizes), so each is tuned once. Tiles that do not fit the shared memory are
-# skipped by the autotuner.
-_TUNE_KEY = ["seqlen", "HEAD_DIM", "VARLEN"]
+# Keyed on the length, head dim and matmul precision (the dtype is part of Triton's key): DINO
+# has few distinct shapes (2 crop sizes), so each is tuned once; a TF32/IEEE switch retunes.
+# Tiles that do not fit the shared memory are skipped by the autotuner.
+_TUNE_KEY = ["seqlen", "HEAD_DIM", "VARLEN", "DOT_PRECISION"]
 _fwd = triton.autotune(_configs(
     [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
     (64, 32, 4, 1)), key=_TUNE_KEY)(_attn_fwd_kernel)
