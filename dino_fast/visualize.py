@@ -7,50 +7,12 @@ mass, written as PNG files (see :mod:`dino_fast.attention_maps`). Without ``--ch
 ViT has random weights, for demos.
 """
 import argparse
-import warnings
 
 import torch
 
 from dino_fast.attention_maps import cls_patch_attention, load_image, save_attention_maps
-from dino_fast.models import ARCH_DIMS, ARCHS, build_vit, extract_state_dict, load_pretrained
+from dino_fast.models import ARCHS, build_model
 from dino_fast.ops import use_backend
-
-
-
-def detect_arch(state_dict: dict) -> tuple[str, int] | None:
-    """``(arch, patch_size)`` of the ViT whose weights ``state_dict`` holds, or None if unknown."""
-    state = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
-    weight = state.get("patch_embed.proj.weight")  # (dim, 3, p, p)
-    if weight is None or weight.ndim != 4:
-        return None
-    arch = next((a for a, (dim, _) in ARCH_DIMS.items() if dim == weight.shape[0]), None)
-    return (arch, int(weight.shape[-1])) if arch else None
-
-
-def build_model(checkpoint=None, arch: str | None = None, patch_size: int | None = None,
-                key: str = "teacher") -> torch.nn.Module:
-    """The ViT of ``checkpoint`` in eval mode with eager attention (random weights when None).
-
-    ``arch``/``patch_size`` default to what the checkpoint holds (vit_small/16 without one); when
-    given and different from the checkpoint, the error says which model it holds.
-    """
-    state = None
-    if checkpoint is None:
-        warnings.warn("no checkpoint given: the ViT has random weights (demo only)")
-    else:
-        state = extract_state_dict(checkpoint, key)
-        found = detect_arch(state)
-        if found:
-            if (arch or found[0], patch_size or found[1]) != found:
-                raise ValueError(f"the checkpoint holds a {found[0]}/{found[1]} ViT, not "
-                                 f"{arch or found[0]}/{patch_size or found[1]}: pass "
-                                 f"--arch {found[0]} --patch_size {found[1]}")
-            arch, patch_size = found
-    model = build_vit(arch or "vit_small", patch_size or 16)
-    if state is not None:
-        load_pretrained(model, state)  # raises listing missing / unexpected keys
-    model.set_attn_backend("eager")
-    return model.eval()
 
 
 def add_model_args(parser: argparse.ArgumentParser):

@@ -17,7 +17,7 @@ from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
 from dino_fast.export.infer import main as infer_main  # noqa: E402
 from dino_fast.export.onnx_export import main as export_main  # noqa: E402
 from dino_fast.models import build_vit  # noqa: E402
-from dino_fast.visualize import build_model  # noqa: E402
+from dino_fast.models import build_model  # noqa: E402
 
 SIZES = [(224, 224), (480, 320), (96, 96)]
 TOL = 1e-4

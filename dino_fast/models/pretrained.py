@@ -6,11 +6,13 @@ without the ``module.`` prefix of DistributedDataParallel, and the parametrize f
 norm (``parametrizations.weight.original0/1``), which is mapped to ``weight_g``/``weight_v``.
 """
 import os
+import warnings
 
 import torch
 import torch.nn as nn
 
 from dino_fast.checkpoint import load_file
+from dino_fast.models.vision_transformer import ARCH_DIMS, build_vit
 
 _PARAMETRIZE_KEYS = {"parametrizations.weight.original0": "weight_g",
                      "parametrizations.weight.original1": "weight_v"}
@@ -68,3 +70,39 @@ def load_pretrained(model: nn.Module, checkpoint, key: str = "teacher", strict: 
         raise RuntimeError("checkpoint shapes do not match the model: " + "; ".join(shape_errors))
     model.load_state_dict(state, strict=False)
     return missing, unexpected
+
+
+def detect_arch(state_dict: dict) -> tuple[str, int] | None:
+    """``(arch, patch_size)`` of the ViT whose weights ``state_dict`` holds, or None if unknown."""
+    state = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
+    weight = state.get("patch_embed.proj.weight")  # (dim, 3, p, p)
+    if weight is None or weight.ndim != 4:
+        return None
+    arch = next((a for a, (dim, _) in ARCH_DIMS.items() if dim == weight.shape[0]), None)
+    return (arch, int(weight.shape[-1])) if arch else None
+
+
+def build_model(checkpoint=None, arch: str | None = None, patch_size: int | None = None,
+                key: str = "teacher") -> torch.nn.Module:
+    """The ViT of ``checkpoint`` in eval mode with eager attention (random weights when None).
+
+    ``arch``/``patch_size`` default to what the checkpoint holds (vit_small/16 without one); when
+    given and different from the checkpoint, the error says which model it holds.
+    """
+    state = None
+    if checkpoint is None:
+        warnings.warn("no checkpoint given: the ViT has random weights (demo only)")
+    else:
+        state = extract_state_dict(checkpoint, key)
+        found = detect_arch(state)
+        if found:
+            if (arch or found[0], patch_size or found[1]) != found:
+                raise ValueError(f"the checkpoint holds a {found[0]}/{found[1]} ViT, not "
+                                 f"{arch or found[0]}/{patch_size or found[1]}: pass "
+                                 f"--arch {found[0]} --patch_size {found[1]}")
+            arch, patch_size = found
+    model = build_vit(arch or "vit_small", patch_size or 16)
+    if state is not None:
+        load_pretrained(model, state)  # raises listing missing / unexpected keys
+    model.set_attn_backend("eager")
+    return model.eval()

@@ -277,3 +277,13 @@ def vit_small(patch_size=16, **kwargs):
 def vit_base(patch_size=16, **kwargs):
     """ViT-Base: dim 768, 12 heads, depth 12."""
     return _vit(*ARCH_DIMS["vit_base"], patch_size, **kwargs)
+
+
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def build_vit(arch: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """A ViT by name (``vit_tiny``, ``vit_small``, ``vit_base``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
+    return ARCHS[arch](patch_size=patch_size, **kwargs)
