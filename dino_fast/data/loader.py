@@ -62,7 +62,7 @@ class TorchLoader:
         self._loader = DataLoader(
             _SeededViews(dataset, augment), batch_sampler=self._batches, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_ignore_interrupt)
+            worker_init_fn=_ignore_interrupt)
 
     def __len__(self) -> int:
         return len(self._batches)

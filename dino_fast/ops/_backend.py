@@ -72,7 +72,7 @@ def cpp_module():
 
 
 def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() if hasattr(torch.onnx, "is_in_onnx_export") else False
+    return torch.onnx.is_in_onnx_export()
 
 
 @torch.compiler.assume_constant_result  # evaluated once at trace time, never traced into
