@@ -63,7 +63,14 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(votes.item())
 
 
-def cleanup():
-    """Leave the process group, if any."""
+def cleanup(all_ranks_done: bool = False):
+    """Leave the process group, if any.
+
+    ``all_ranks_done``: every rank got here the same way, so wait for all of them first (tearing
+    Gloo down while a peer still finishes its last collective aborts that peer). Leave it False
+    after an error on this rank only: a barrier would then wait for ranks that never come.
+    """
     if is_dist():
+        if all_ranks_done:
+            dist.barrier()
         dist.destroy_process_group()

@@ -334,13 +334,16 @@ def log(message: str):
 def main(argv=None):
     """Entry point of ``python -m dino_fast.train``."""
     args = build_parser().parse_args(argv)
+    all_ranks_done = False
     try:
         train(args)
+        all_ranks_done = True
     except NonFiniteLossError as err:
+        all_ranks_done = True  # the loss is averaged over ranks: all stop at the same step
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
-        dist_utils.cleanup()
+        dist_utils.cleanup(all_ranks_done)
 
 
 if __name__ == "__main__":
