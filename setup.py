@@ -55,9 +55,9 @@ def cpp_extensions():
 
 extras = {
     "dali": ["nvidia-dali-cuda130"],
-    "onnx": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"],
+    "onnx": ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"],
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript",
+    "dev": ["pytest>=7", "ruff", "onnx>=1.18", "onnxruntime>=1.23", "onnxscript",
             "scikit-learn"],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})

@@ -3,9 +3,13 @@
 ``python -m dino_fast.export --checkpoint CKPT --output model.onnx`` reads our checkpoints, the
 official DINO ones (``teacher`` by default, ``--key student``) and plain backbone state dicts. The
 graph (see :mod:`dino_fast.export.exportable`) takes any batch and any image size that is a
-multiple of the patch size, or one fixed ``--image_size H W``. Export always runs the reference
-attention path (``dino_fast.ops.use_backend("reference")``, eager attention). Before returning,
-the model is checked with ``onnx.checker`` and ONNX Runtime's outputs are compared with PyTorch's.
+multiple of the patch size, or one fixed ``--image_size H W``. Export runs the reference ops
+(``dino_fast.ops.use_backend("reference")``), never the Triton kernels: every block but the last
+computes attention with PyTorch's ``scaled_dot_product_attention``, which opset 23 (the default)
+writes as one ONNX ``Attention`` node, ONNX Runtime's fused attention kernel (opsets below 23
+spell it out as MatMul and Softmax); the last block computes its probabilities explicitly, as
+they are an output. Before returning, the model is checked with ``onnx.checker`` and ONNX
+Runtime's outputs are compared with PyTorch's.
 """
 import argparse
 import copy
@@ -21,7 +25,7 @@ from dino_fast.ops import use_backend
 from dino_fast.models import detect_arch
 from dino_fast.visualize import add_model_args, load_model
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 23  # the first with a fused Attention operator
 
 
 def model_metadata(vit, arch: str, image_size, fp16: bool) -> dict[str, str]:
@@ -47,7 +51,7 @@ def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp1
         raise ValueError(f"--image_size {image_size} must be positive multiples of the patch "
                          f"size {patch}")
     vit = copy.deepcopy(vit).eval()  # the caller's model keeps its mode and attention backend
-    vit.set_attn_backend("eager")
+    vit.set_attn_backend("sdpa")  # one Attention node per block at opset >= 23
     graph = AttentionMapModel(copy.deepcopy(vit) if fp16 else vit, image_size,
                               torch.float16 if fp16 else torch.float32).eval()
     if fp16:

@@ -90,6 +90,21 @@ def test_small_matches_pytorch(tmp_path):
         assert_matches_pytorch(predictor, vit, size)
 
 
+@pytest.mark.parametrize("opset", [18, 23])
+def test_attention_is_fused_from_opset_23(tmp_path, opset):
+    """Opset 23 writes every block but the last as one ONNX Attention node; 18 spells it out.
+    Both match PyTorch."""
+    import onnx
+
+    vit = random_vit("vit_small", depth=3)
+    path = str(tmp_path / f"o{opset}.onnx")
+    export_onnx(vit, path, opset=opset, arch="vit_small")
+    ops = [node.op_type for node in onnx.load(path, load_external_data=False).graph.node]
+    assert ops.count("Attention") == (2 if opset >= 23 else 0)
+    assert ops.count("Softmax") == (1 if opset >= 23 else 3)
+    assert_matches_pytorch(AttentionMapPredictor(path), vit, (480, 320), batch=2)
+
+
 def test_fixed_size_export(tmp_path):
     vit = random_vit("vit_tiny", depth=1)
     export_onnx(vit, str(tmp_path / "f.onnx"), image_size=(96, 128), arch="vit_tiny")
