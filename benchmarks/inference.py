@@ -4,8 +4,9 @@ Every row computes the same thing on the same input: the last-block CLS attentio
 features of a ViT (``forward_with_attention``; the exported graph of ``python -m
 dino_fast.export``), results on the host. Latency is the median per call, images/s is
 batch / latency, speed-ups are against PyTorch eager fp32 at the same batch. torch and ONNX
-Runtime use the same number of CPU threads. On a GPU, ONNX Runtime fp16 and PyTorch bf16
-autocast rows are added.
+Runtime use the same number of CPU threads. On a CPU, an ONNX Runtime int8 row (dynamically
+quantised matrix products, ``--int8`` of the export) is added; on a GPU, ONNX Runtime fp16 and
+PyTorch bf16 autocast rows.
 
     python benchmarks/inference.py [--arch vit_small --patch_size 16 --image_size 224]
 """
@@ -38,10 +39,10 @@ def torch_runner(vit, autocast_dtype=None, compile_=False):
     return run
 
 
-def onnx_runner(vit, folder: str, arch: str, threads: int, fp16: bool = False):
+def onnx_runner(vit, folder: str, arch: str, threads: int, precision: str = "fp32"):
     """The same function served by ONNX Runtime from a freshly exported dynamic model."""
-    path = os.path.join(folder, f"{arch}{'_fp16' if fp16 else ''}.onnx")
-    export_onnx(vit, path, fp16=fp16, arch=arch)
+    path = os.path.join(folder, f"{arch}_{precision}.onnx")
+    export_onnx(vit, path, fp16=precision == "fp16", int8=precision == "int8", arch=arch)
     return AttentionMapPredictor(path, threads=threads).run
 
 
@@ -54,8 +55,8 @@ def runners(vit, arch: str, threads: int, folder: str, compile_: bool) -> dict:
     if compile_:
         named["torch.compile fp32"] = torch_runner(vit, compile_=True)
     named["onnxruntime fp32"] = onnx_runner(vit, folder, arch, threads)
-    if cuda:
-        named["onnxruntime fp16"] = onnx_runner(vit, folder, arch, threads, fp16=True)
+    low = "fp16" if cuda else "int8"
+    named[f"onnxruntime {low}"] = onnx_runner(vit, folder, arch, threads, low)
     return named
 
 

@@ -15,6 +15,7 @@ pytest.importorskip("onnxscript")
 
 from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
 from dino_fast.export.infer import main as infer_main  # noqa: E402
+from dino_fast.export.onnx_export import TOLERANCES  # noqa: E402
 from dino_fast.export.onnx_export import main as export_main  # noqa: E402
 from dino_fast.models import build_vit  # noqa: E402
 from dino_fast.models import build_model  # noqa: E402
@@ -103,6 +104,28 @@ def test_attention_is_fused_from_opset_23(tmp_path, opset):
     assert ops.count("Attention") == (2 if opset >= 23 else 0)
     assert ops.count("Softmax") == (1 if opset >= 23 else 3)
     assert_matches_pytorch(AttentionMapPredictor(path), vit, (480, 320), batch=2)
+
+
+def test_int8_export_is_quantised_and_close(tmp_path):
+    import onnx
+
+    vit = random_vit("vit_small", depth=2)
+    path = str(tmp_path / "q.onnx")
+    attn_error = export_onnx(vit, path, arch="vit_small", int8=True)  # raises beyond tolerance
+    assert 0 < attn_error <= TOLERANCES["int8"][0]
+    ops = [node.op_type for node in onnx.load(path, load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 2 * 4  # qkv, proj, fc1, fc2 of each block
+    predictor = AttentionMapPredictor(path)
+    assert predictor.precision == "int8"
+    images = torch.randn(2, 3, 96, 128)
+    _, features = predictor.run(images.numpy())
+    with torch.no_grad():
+        reference = vit(images).numpy()
+    cosine = (features * reference).sum(1) / np.linalg.norm(features, axis=1) / \
+        np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.99
+    with pytest.raises(ValueError, match="one of fp16 and int8"):
+        export_onnx(vit, path, fp16=True, int8=True)
 
 
 def test_fixed_size_export(tmp_path):
