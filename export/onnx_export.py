@@ -34,6 +34,13 @@ DEFAULT_OPSET = 23  # the first with a fused Attention operator
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2), "int8": (2e-2, 0.1)}
 
 
+def precision_name(fp16: bool, int8: bool) -> str:
+    """``fp16``, ``int8`` or ``fp32``; both flags at once is an error."""
+    if fp16 and int8:
+        raise ValueError("choose one of fp16 and int8")
+    return "fp16" if fp16 else "int8" if int8 else "fp32"
+
+
 def model_metadata(vit, arch: str, image_size, precision: str) -> dict[str, str]:
     """What the predictor needs to know about the graph, stored in the ONNX metadata."""
     return {"arch": arch, "patch_size": str(vit.patch_embed.patch_size),
@@ -55,9 +62,7 @@ def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp1
     offline-optimised graph (fused MatMul+Add and LayerNorm), which then runs only on the ONNX
     Runtime build that wrote it.
     """
-    if fp16 and int8:
-        raise ValueError("choose one of fp16 and int8")
-    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    precision = precision_name(fp16, int8)
     patch = vit.patch_embed.patch_size
     if image_size is not None and any(s <= 0 or s % patch for s in image_size):
         raise ValueError(f"--image_size {image_size} must be positive multiples of the patch "
@@ -162,4 +167,4 @@ def main(argv=None):
                 args.opset, arch, args.optimize, check=not args.no_check, int8=args.int8)
     print(f"wrote {args.output} ({arch}/{vit.patch_embed.patch_size}, "
           f"{'fixed ' + 'x'.join(map(str, args.image_size)) if args.image_size else 'dynamic'} "
-          f"size, {'fp16' if args.fp16 else 'int8' if args.int8 else 'fp32'})")
+          f"size, {precision_name(args.fp16, args.int8)})")
