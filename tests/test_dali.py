@@ -80,12 +80,15 @@ def test_same_order_and_sharding_as_torch_loader(tmp_path):
 def test_seeded_epochs_are_reproducible(tmp_path):
     root = make_folder(tmp_path, {f"{k}.jpg": "RGB" for k in range(6)})
     kwargs = dict(kind="dali", data_path=root, batch_size=3, local_crops_number=1, seed=9, **SMALL)
-    a, b = build_loader(num_workers=1, **kwargs), build_loader(num_workers=2, **kwargs)
+    a, b = build_loader(num_workers=2, **kwargs), build_loader(num_workers=2, **kwargs)
     a.set_epoch(2)
     b.set_epoch(2)
     first, second = list(a), list(b)
     for (ca, ya), (cb, yb) in zip(first, second):
         assert torch.equal(ya, yb) and all(torch.equal(x, y) for x, y in zip(ca, cb))
+    one_thread = build_loader(num_workers=1, **kwargs)  # one pipeline: another stream, same order
+    one_thread.set_epoch(2)
+    assert [y.tolist() for _, y in one_thread] == [y.tolist() for _, y in first]
     a.set_epoch(3)
     assert not torch.equal(next(iter(a))[0][0], first[0][0][0])
 
@@ -107,8 +110,8 @@ def test_bad_file_is_named_or_skipped(tmp_path, content, caplog):
     good = (tmp_path / "0.jpg").read_bytes()
     bad = good[: len(good) // 3] if content == "truncated" else b"not an image at all"
     (tmp_path / "3_bad.jpg").write_bytes(bad)
-    kwargs = dict(kind="dali", data_path=root, batch_size=2, num_workers=1, local_crops_number=1,
-                  **SMALL)
+    kwargs = dict(kind="dali", data_path=root, batch_size=2, num_workers=2, local_crops_number=1,
+                  **SMALL)  # two pipelines, on alternate batches
     with pytest.raises(BadImageError, match="3_bad.jpg"):
         list(build_loader(**kwargs))
     skipping = build_loader(skip_bad_images=True, **kwargs)
@@ -206,9 +209,8 @@ def test_brightness_contrast_matches_pil(form):
         x = fn.external_source(source=lambda: [np.asarray(image)], batch=True, layout="HWC")
         if form.startswith("fused"):
             return dali_pipeline._brightness_contrast(x, brightness, contrast, gpu=False)
-        luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
-        mean = fn.reductions.mean(luma, axes=(0, 1, 2), keep_dims=True)
-        return dali_pipeline.brightness_contrast_arithmetic(x, brightness, contrast, mean)
+        return dali_pipeline.brightness_contrast_arithmetic(
+            x, brightness, contrast, dali_pipeline._luma_mean(x, keep_dims=True))
 
     p = pipe()
     p.build()

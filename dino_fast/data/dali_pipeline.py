@@ -15,15 +15,20 @@ torchvision reference (only the distributions can match, not the pixels):
   to its mean; saturation scales and hue rotates the chroma plane), so the order only shows
   where torchvision clips a pixel to [0, 255] between two steps (and through PIL's non-linear
   HSV hue, see the previous point);
+* grayscale is folded into the saturation/hue pass (saturation 0), so a view that is jittered
+  and then grayscaled is not clipped between the two;
 * the Gaussian blur is a true Gaussian (sigma = PIL's radius), PIL uses a box approximation;
 * the random resized crop uses DALI's sampler (area U(scale), log-uniform aspect, 10 tries,
   then a centred crop), bicubic with antialiasing like PIL's.
 """
 import nvidia.dali.math as dmath
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from .augment import (BLUR_RADIUS, BRIGHTNESS, CONTRAST, CROP_RATIO, FLIP_P, GRAYSCALE_P, HUE,
                       JITTER_P, MEAN, SATURATION, SOLARIZE_THRESHOLD, STD, ViewSpec)
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, PIL's RGB -> "L"
 
 # Padding that lets nvJPEG reuse its buffers across batches (the values DALI's ImageNet
 # examples use), so the decoder does not reallocate as image sizes vary.
@@ -43,15 +48,22 @@ def _to_uint8(x):
     return fn.cast(dmath.clamp(x, 0.0, 255.0), dtype=types.UINT8)
 
 
+def _luma_mean(image, keep_dims: bool):
+    """Per-sample mean luma (weights 0.299/0.587/0.114, as PIL's "L"), from the channel means:
+    a scalar, or ``(1, 1, 1)`` with ``keep_dims``."""
+    channel_means = fn.reductions.mean(image, axes=(0, 1), keep_dims=keep_dims)
+    weighted = channel_means * types.Constant(np.array(LUMA_WEIGHTS, np.float32))
+    return fn.reductions.sum(weighted, axes=2 if keep_dims else 0, keep_dims=keep_dims)
+
+
 def _brightness_contrast(image, brightness, contrast, gpu: bool):
     """torchvision's brightness (scale) and contrast (blend with the mean luma) in one pass:
     ``brightness * (mean + contrast * (x - mean))``, whichever of the two comes first."""
-    luma = fn.color_space_conversion(image, image_type=types.RGB, output_type=types.GRAY)
     if gpu:  # argument inputs must be CPU data: do it with arithmetic beside the image
-        mean = fn.reductions.mean(luma, axes=(0, 1, 2), keep_dims=True)  # (1, 1, 1)
-        return brightness_contrast_arithmetic(image, brightness.gpu(), contrast.gpu(), mean)
+        return brightness_contrast_arithmetic(image, brightness.gpu(), contrast.gpu(),
+                                              _luma_mean(image, keep_dims=True))
     return fn.brightness_contrast(image, brightness=brightness, contrast=contrast,
-                                  contrast_center=fn.reductions.mean(luma, axes=(0, 1, 2)))
+                                  contrast_center=_luma_mean(image, keep_dims=False))
 
 
 def brightness_contrast_arithmetic(image, brightness, contrast, mean):
@@ -59,14 +71,22 @@ def brightness_contrast_arithmetic(image, brightness, contrast, mean):
     return _to_uint8((mean + contrast * (image - mean)) * brightness)
 
 
-def _color_jitter(image, gpu: bool):
-    """Brightness, contrast, saturation and hue with random factors, as two fused passes."""
-    brightness = _uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
-    contrast = _uniform(1 - CONTRAST, 1 + CONTRAST)
-    saturation = _uniform(1 - SATURATION, 1 + SATURATION)
-    hue_degrees = _uniform(-HUE * 360, HUE * 360)  # torchvision's hue factor is in turns
-    image = _brightness_contrast(image, brightness, contrast, gpu)
-    return fn.hsv(image, hue=hue_degrees, saturation=saturation)
+def _colour(image, gpu: bool):
+    """Colour jitter (p 0.8: brightness, contrast, saturation and hue with random factors), then
+    grayscale (p 0.2), in two passes at most: brightness and contrast in one, then saturation
+    and hue in one. Grayscale is the luma in all three channels, which is saturation 0 (YIQ
+    chroma zeroed), so it folds into the second pass."""
+    jitter, gray = _coin(JITTER_P), _coin(GRAYSCALE_P)
+    if jitter:
+        image = _brightness_contrast(image, _uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS),
+                                     _uniform(1 - CONTRAST, 1 + CONTRAST), gpu)
+    if jitter | gray:
+        jittered = fn.cast(jitter, dtype=types.FLOAT)
+        saturation = 1 + jittered * (_uniform(1 - SATURATION, 1 + SATURATION) - 1)
+        hue_degrees = jittered * _uniform(-HUE * 360, HUE * 360)  # torchvision's hue is in turns
+        image = fn.hsv(image, hue=hue_degrees,
+                       saturation=saturation * (1 - fn.cast(gray, dtype=types.FLOAT)))
+    return image
 
 
 def _solarize(image):
@@ -79,10 +99,7 @@ def _view(image, spec: ViewSpec, gpu: bool, out_dtype):
     image = fn.random_resized_crop(image, size=(spec.size, spec.size), random_area=spec.scale,
                                    random_aspect_ratio=CROP_RATIO, num_attempts=10,
                                    interp_type=types.INTERP_CUBIC, antialias=True)
-    if _coin(JITTER_P):
-        image = _color_jitter(image, gpu)
-    if _coin(GRAYSCALE_P):
-        image = fn.saturation(image, saturation=0.0)  # luma 0.299/0.587/0.114 in all 3 channels
+    image = _colour(image, gpu)
     if _coin(spec.blur_p):
         image = fn.gaussian_blur(image, sigma=_uniform(*BLUR_RADIUS))
     if _coin(spec.solarize_p):
