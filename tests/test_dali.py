@@ -199,7 +199,7 @@ def test_crop_area_and_aspect_match_reference(tmp_path, monkeypatch):
 def test_brightness_contrast_matches_pil(form):
     """Both forms of the fused brightness/contrast against PIL's brightness then contrast, on
     an image they do not clip: within 2 grey levels (each side rounds differently)."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     image = photo((64, 48)).point(lambda v: 40 + v * 150 // 255)  # values in [40, 190]
     brightness, contrast = 1.15, 0.7
