@@ -4,18 +4,22 @@ Every row computes the same thing on the same input: the last-block CLS attentio
 features of a ViT (``forward_with_attention``; the exported graph of ``python -m
 dino_fast.export``), results on the host. Latency is the median per call, images/s is
 batch / latency, speed-ups are against PyTorch eager fp32 at the same batch. torch and ONNX
-Runtime use the same number of CPU threads. On a CPU, an ONNX Runtime int8 row (dynamically
-quantised matrix products, ``--int8`` of the export) is added; on a GPU, ONNX Runtime fp16 and
-PyTorch bf16 autocast rows.
+Runtime use the same number of CPU threads. On a CPU, int8 rows are added: ONNX Runtime with
+dynamically quantised matrix products (``--int8`` of the export) and, as its baseline, PyTorch's
+own dynamic quantisation of the ``nn.Linear`` layers; on a GPU, ONNX Runtime fp16 and PyTorch
+bf16 autocast rows.
 
     python benchmarks/inference.py [--arch vit_small --patch_size 16 --image_size 224]
 """
 import argparse
+import copy
 import os
 import sys
 import tempfile
 
 import torch
+from torch import nn
+from torch.ao.quantization import quantize_dynamic
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import measure, print_table, write_results  # noqa: E402
@@ -52,6 +56,9 @@ def runners(vit, arch: str, threads: int, folder: str, compile_: bool) -> dict:
     named = {"pytorch eager fp32": torch_runner(vit)}
     if cuda:
         named["pytorch eager bf16"] = torch_runner(vit, torch.bfloat16)
+    else:
+        int8_vit = quantize_dynamic(copy.deepcopy(vit), {nn.Linear}, dtype=torch.qint8)
+        named["pytorch eager int8"] = torch_runner(int8_vit)
     if compile_:
         named["torch.compile fp32"] = torch_runner(vit, compile_=True)
     named["onnxruntime fp32"] = onnx_runner(vit, folder, arch, threads)
