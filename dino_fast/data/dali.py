@@ -21,13 +21,7 @@ from .folder import BadImageError, ImageFolderDataset
 from .sampling import EpochPlan, epoch_seed
 
 INSTALL_HINT = "pip install 'dino-fast[dali]'"
-_PREFETCH = 2  # batches decoded ahead, over all pipelines (DALI's default queue depth for one)
-
-
-def _queue_depth(pipelines: int) -> int:
-    """Each pipeline's prefetch queue depth: ``_PREFETCH`` shared out, at least 1 (with many
-    threads in CPU-only mode, memory stays at one queued batch per pipeline)."""
-    return max(1, _PREFETCH // pipelines)
+_PREFETCH = 2  # DALI's default prefetch queue depth: batches each pipeline may decode ahead
 
 
 def dali_available() -> bool:
@@ -103,7 +97,7 @@ class DaliLoader:
             pipe = self._graph.multicrop_pipeline(
                 files=files, specs=self.specs, gpu=gpu, half=self.dtype == torch.float16,
                 batch_size=batch, num_threads=self.num_threads if gpu else 1, seed=seed,
-                prefetch_queue_depth=_queue_depth(count),
+                prefetch_queue_depth=_PREFETCH,
                 device_id=self._device_id() if gpu else None)
             pipe.build()
             pipes.append(pipe)
@@ -131,7 +125,7 @@ class DaliLoader:
         may have read ahead); raise naming one, or replace them in ``order`` when skipping. A
         failure PIL cannot reproduce is re-raised with the files."""
         batch = self.plan.batch_size
-        ahead = (1 + _queue_depth(pipelines)) * pipelines
+        ahead = (1 + _PREFETCH) * pipelines
         window = range(step * batch, min(len(order), (step + ahead) * batch))
         replaced = False
         for pos in window:
