@@ -66,7 +66,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "int8"):
             path = os.path.join(tmp, f"{precision}.onnx")
-            export_onnx(vit, path, int8=precision == "int8")
+            export_onnx(vit, path, int8=precision == "int8", check=False)  # measured below
             predictor = AttentionMapPredictor(path, providers=["CPUExecutionProvider"])
             outputs[precision] = run_all(predictor, train_set) + run_all(predictor, val_set)
     rows = []

@@ -181,3 +181,25 @@ def test_infer_writes_maps_and_skips_unreadable(tiny, tmp_path, capsys):
     assert Image.open(out / "b" / "mask-mean.png").size == (48, 48)  # 60x48 rounded down to 16
     with pytest.raises(SystemExit, match="patch size 8"):
         infer_main(["--model", path, "--images", str(folder), "--patch_size", "8"])
+
+
+def test_int8_accuracy_runner_compares_with_fp32(tiny, tmp_path):
+    """benchmarks/int8_accuracy.py: the fp32 row is the reference itself, the int8 row is close."""
+    from benchmarks.int8_accuracy import main as int8_accuracy_main
+    _, _, root = tiny
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for k in range(count):
+                Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(
+                    folder / f"{k}.png")
+    fp32, int8 = int8_accuracy_main([
+        "--checkpoint", str(root / "checkpoint.pth"), "--data_path", str(tmp_path / "train"),
+        "--val_path", str(tmp_path / "val"), "--image_size", "32", "--k", "3"])
+    assert fp32["max attention error"] == 0 and fp32["mask IoU vs fp32"] == 1
+    assert 0 < int8["max attention error"] <= TOLERANCES["int8"][0]
+    assert int8["mask IoU vs fp32"] > 0.5
+    assert float(int8["feature cosine vs fp32 (min)"]) > 0.99
+    assert 0 <= int8["3-NN top-1"] <= 100
