@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from dino_fast.data.augment import MEAN, STD
 from dino_fast.data.folder import ImageFolderDataset
-from dino_fast.models import ARCHS, build_vit, load_pretrained
+from dino_fast.models import ARCHS, build_vit
+from dino_fast.visualize import load_model
 
 
 def eval_transform(image_size: int = 224):
@@ -143,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="training checkpoint or weights; none: random initialisation (--seed)")
     p.add_argument("--key", "--checkpoint_key", dest="key", default="teacher")
-    p.add_argument("--arch", default="vit_small", choices=sorted(ARCHS))
-    p.add_argument("--patch_size", default=16, type=int)
+    p.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                   help="default: what the checkpoint holds (vit_small without one)")
+    p.add_argument("--patch_size", default=None, type=int,
+                   help="default: the checkpoint's (16 without one)")
     p.add_argument("--data_path", required=True, help="train folder: <root>/<class>/<image>")
     p.add_argument("--val_path", default=None, help="val folder with the same classes")
     p.add_argument("--val_split", default=None, type=float,
@@ -171,9 +174,10 @@ def main(argv=None) -> dict:
     if min(args.nb_knn) < 1:
         raise SystemExit(f"--nb_knn values must be >= 1, got {args.nb_knn}")
     torch.manual_seed(args.seed)
-    model = build_vit(args.arch, args.patch_size)
-    if args.checkpoint is not None:
-        load_pretrained(model, args.checkpoint, key=args.key)
+    if args.checkpoint is None:
+        model = build_vit(args.arch or "vit_small", args.patch_size or 16)
+    else:
+        model = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
     try:
         train_set, val_set = build_datasets(args.data_path, args.val_path, args.val_split,
                                             args.image_size, args.seed)

@@ -84,10 +84,12 @@ def test_command_matches_manual_features(tmp_path):
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"teacher": {f"module.backbone.{k}": v for k, v in model.state_dict().items()},
                 "student": {}}, ckpt)
-    results = eval_knn.main(["--checkpoint", str(ckpt), "--arch", "vit_tiny", "--data_path",
-                             str(tmp_path / "train"), "--val_path", str(tmp_path / "val"),
-                             "--image_size", "32", "--nb_knn", "3", "200", "--batch_size", "4",
-                             "--num_workers", "0", "--device", "cpu"])
+    flags = ["--checkpoint", str(ckpt), "--data_path", str(tmp_path / "train"), "--val_path",
+             str(tmp_path / "val"), "--image_size", "32", "--nb_knn", "3", "200", "--batch_size",
+             "4", "--num_workers", "0", "--device", "cpu"]
+    results = eval_knn.main(flags)  # the arch comes from the checkpoint
+    with pytest.raises(SystemExit, match="holds a vit_tiny/16 ViT"):
+        eval_knn.main(flags + ["--arch", "vit_small"])
     # Recompute by hand: same eval transform, the model's CLS output, NumPy k-NN.
     fresh = build_vit("vit_tiny", 16)
     load_pretrained(fresh, str(ckpt))
