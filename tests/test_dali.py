@@ -105,7 +105,7 @@ def test_odd_images_decode(tmp_path):
 
 
 @pytest.mark.parametrize("content", ["garbage", "truncated"])
-def test_bad_file_is_named_or_skipped(tmp_path, content, caplog):
+def test_bad_file_is_named_or_skipped(tmp_path, content, caplog, monkeypatch):
     root = make_folder(tmp_path, {f"{k}.jpg": "RGB" for k in range(5)})
     good = (tmp_path / "0.jpg").read_bytes()
     bad = good[: len(good) // 3] if content == "truncated" else b"not an image at all"
@@ -118,6 +118,11 @@ def test_bad_file_is_named_or_skipped(tmp_path, content, caplog):
     assert len(list(skipping)) == 3
     assert [os.path.basename(p) for p in skipping.dataset.bad_files] == ["3_bad.jpg"]
     assert "3_bad.jpg" in caplog.text
+    restarts, replace = [], skipping._replace_bad_files  # later epochs replace it up front
+    monkeypatch.setattr(skipping, "_replace_bad_files",
+                        lambda *a: restarts.append(a) or replace(*a))
+    skipping.set_epoch(1)
+    assert len(list(skipping)) == 3 and restarts == []
 
 
 def test_empty_folder_error(tmp_path):

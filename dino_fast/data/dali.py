@@ -66,7 +66,9 @@ class DaliLoader:
 
     def __iter__(self):
         batch = self.plan.batch_size
-        order = self.plan.rank_indices(self.epoch).tolist()
+        bad = self.dataset.bad_files  # found in earlier epochs: replaced up front, no restart
+        order = [self.dataset.readable_index(i) if self.dataset.samples[i][0] in bad else i
+                 for i in self.plan.rank_indices(self.epoch).tolist()]
         step, start, pipes = 0, 0, None
         while step < len(self):
             if pipes is None:
