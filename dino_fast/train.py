@@ -227,8 +227,8 @@ def train(args) -> dict:
             f"{loader.kind}, {len(loader.dataset)} images, {world} process(es)) for epochs "
             f"{start_epoch}..{args.epochs - 1}, {iters_per_epoch} steps each")
         for epoch in range(start_epoch, args.epochs):
-            loader.set_epoch(epoch)
             first = start_step if epoch == start_epoch else 0
+            loader.set_epoch(epoch, first)
             stats, done = train_one_epoch(step, loader, epoch, first, iters_per_epoch,
                                           lr_schedule, wd_schedule, momentum_schedule, args,
                                           stop)
@@ -271,11 +271,9 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
     n_images, start, done = 0, time.perf_counter(), 0
     bar = tqdm(total=iters_per_epoch, initial=first, desc=f"epoch {epoch}/{args.epochs}",
                dynamic_ncols=True, disable=not dist_utils.is_main_process(), file=sys.stderr)
-    for i, (crops, _) in enumerate(loader):
+    for i, (crops, _) in enumerate(loader, start=first):  # the loader starts at step first
         if i >= iters_per_epoch:
             break
-        if i < first:  # resuming mid-epoch: the loader replays the epoch, skip what was done
-            continue
         it = epoch * iters_per_epoch + i  # global iteration
         # Random draws (drop-path) depend on (seed, step, rank) only: exact mid-epoch resumes.
         seed_everything(epoch_seed(args.seed, it, dist_utils.get_rank()))

@@ -91,6 +91,9 @@ def test_seeded_epochs_are_reproducible(tmp_path):
     assert [y.tolist() for _, y in one_thread] == [y.tolist() for _, y in first]
     a.set_epoch(3)
     assert not torch.equal(next(iter(a))[0][0], first[0][0][0])
+    a.set_epoch(2, first_step=1)  # a mid-epoch resume: the uninterrupted epoch's last batch
+    (crops, labels), = list(a)
+    assert torch.equal(labels, first[1][1]) and torch.equal(crops[2], first[1][0][2])
 
 
 def test_odd_images_decode(tmp_path):

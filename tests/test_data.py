@@ -236,6 +236,22 @@ def test_loader_contract_and_determinism(tmp_path):
     assert not torch.equal(run0[0][0][0], run1[0][0][0])
 
 
+def test_loader_starts_mid_epoch_without_decoding_the_skipped_batches(tmp_path, monkeypatch):
+    root = make_folder(tmp_path, {f"{i}.jpg": "RGB" for i in range(8)})
+    loader = build_loader(kind="torch", data_path=root, batch_size=2, num_workers=0,
+                          local_crops_number=1, seed=4, **SMALL)
+    loader.set_epoch(3)
+    whole = list(loader)
+    decoded = []
+    load = loader.dataset.load
+    monkeypatch.setattr(loader.dataset, "load", lambda i: decoded.append(i) or load(i))
+    loader.set_epoch(3, first_step=2)
+    resumed = list(loader)
+    assert len(resumed) == 2 and len(decoded) == 4  # steps 2 and 3 only
+    for (c1, y1), (c2, y2) in zip(whole[2:], resumed):
+        assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(c1, c2))
+
+
 def test_loader_labels_follow_the_images(tmp_path):
     root = make_folder(tmp_path, {"a/0.jpg": "RGB", "a/1.jpg": "RGB", "b/0.jpg": "RGB"})
     loader = build_loader(kind="torch", data_path=root, batch_size=1, num_workers=0,

@@ -54,15 +54,17 @@ class DaliLoader:
         self._graph = _import_pipeline()
         self.dataset, self.plan, self.specs = dataset, plan, specs
         self.device, self.dtype, self.num_threads = torch.device(device), dtype, num_threads
-        self.epoch = 0
+        self.epoch, self.first_step = 0, 0
         self._labels = torch.tensor([label for _, label in dataset.samples])
 
     def __len__(self) -> int:
         return self.plan.steps
 
-    def set_epoch(self, epoch: int):
-        """Select the epoch whose order and crops the next iteration yields."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0):
+        """Select the epoch whose order and crops the next iteration yields, from
+        ``first_step`` (the steps before it are still run, so the crops are those of an
+        uninterrupted epoch, but not copied out)."""
+        self.epoch, self.first_step = epoch, first_step
 
     def __iter__(self):
         batch = self.plan.batch_size
@@ -79,7 +81,8 @@ class DaliLoader:
                 self._replace_bad_files(order, step, len(pipes), err)
                 pipes = None
                 continue
-            yield self._to_torch(outputs, order[step * batch:(step + 1) * batch])
+            if step >= self.first_step:
+                yield self._to_torch(outputs, order[step * batch:(step + 1) * batch])
             step += 1
 
     def _pipelines(self, order: list[int], start: int) -> list:

@@ -8,6 +8,8 @@ Both yield, per step, ``(crops, labels)``: ``crops`` the list ``[global_1, globa
 local_N]`` of ``(B, 3, H, W)`` normalised tensors on ``device`` in ``dtype``, ``labels`` a
 ``(B,)`` int64 tensor (``-1`` for images without a class folder). Call ``set_epoch(e)`` before
 each epoch: the order and the crops are a function of ``(seed, epoch)`` only.
+``set_epoch(e, first_step)`` starts the epoch at that step (a mid-epoch resume) with the very
+batches an uninterrupted epoch yields there; the torch loader does not decode the skipped ones.
 """
 import signal
 
@@ -41,13 +43,13 @@ class _EpochBatches:
     """The DataLoader's batch sampler: the plan's batches for the current epoch."""
 
     def __init__(self, plan: EpochPlan):
-        self.plan, self.epoch = plan, 0
+        self.plan, self.epoch, self.first_step = plan, 0, 0
 
     def __len__(self):
-        return self.plan.steps
+        return self.plan.steps - self.first_step
 
     def __iter__(self):
-        return iter(self.plan.batches(self.epoch))
+        return iter(self.plan.batches(self.epoch)[self.first_step:])
 
 
 class TorchLoader:
@@ -65,11 +67,12 @@ class TorchLoader:
             worker_init_fn=_ignore_interrupt)
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return self._batches.plan.steps
 
-    def set_epoch(self, epoch: int):
-        """Select the epoch whose order and crops the next iteration yields."""
-        self._batches.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0):
+        """Select the epoch whose order and crops the next iteration yields, from
+        ``first_step``."""
+        self._batches.epoch, self._batches.first_step = epoch, first_step
 
     def __iter__(self):
         for crops, labels in self._loader:
