@@ -53,12 +53,12 @@ def cpp_extensions():
                               extra_compile_args=compile_args, extra_link_args=link_args)]
 
 
+ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's Attention-23
 extras = {
     "dali": ["nvidia-dali-cuda130"],
-    "onnx": ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"],
+    "onnx": ONNX,
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "onnx>=1.18", "onnxruntime>=1.23", "onnxscript",
-            "scikit-learn"],
+    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 

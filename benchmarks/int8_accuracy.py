@@ -25,16 +25,19 @@ from dino_fast.export.onnx_export import export_onnx
 from dino_fast.visualize import load_model
 
 
-def run_all(predictor, dataset, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Attentions ``[N, heads, patches]`` and features ``[N, dim]`` of every image."""
-    attentions, features = [], []
+def run_all(predictors: dict, dataset, batch_size: int = 32) -> dict:
+    """Per predictor name, attentions ``[N, heads, patches]`` and features ``[N, dim]`` of every
+    image (each batch is decoded once and run by every predictor)."""
+    outputs = {name: ([], []) for name in predictors}
     for start in range(0, len(dataset), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size,
                                                                       len(dataset)))])
-        attn, feat = predictor.run(images)
-        attentions.append(attn)
-        features.append(feat)
-    return np.concatenate(attentions), np.concatenate(features)
+        for name, predictor in predictors.items():
+            attn, feat = predictor.run(images)
+            outputs[name][0].append(attn)
+            outputs[name][1].append(feat)
+    return {name: (np.concatenate(attn), np.concatenate(feat))
+            for name, (attn, feat) in outputs.items()}
 
 
 def knn_top1(train_features, train_labels, val_features, val_labels, k: int) -> float:
@@ -62,16 +65,18 @@ def main(argv=None) -> list[dict]:
     val_set = labelled_dataset(args.val_path, args.image_size)
     train_labels = torch.tensor([label for _, label in train_set.samples])
     val_labels = torch.tensor([label for _, label in val_set.samples])
-    outputs = {}
+    predictors = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "int8"):
             path = os.path.join(tmp, f"{precision}.onnx")
             export_onnx(vit, path, int8=precision == "int8", check=False)  # measured below
-            predictor = AttentionMapPredictor(path, providers=["CPUExecutionProvider"])
-            outputs[precision] = run_all(predictor, train_set) + run_all(predictor, val_set)
+            predictors[precision] = AttentionMapPredictor(path,
+                                                          providers=["CPUExecutionProvider"])
+        train_out, val_out = run_all(predictors, train_set), run_all(predictors, val_set)
+    ref_attn, ref_feat = val_out["fp32"]
     rows = []
-    for precision, (_, train_feat, val_attn, val_feat) in outputs.items():
-        ref_attn, ref_feat = outputs["fp32"][2], outputs["fp32"][3]
+    for precision in predictors:
+        (_, train_feat), (val_attn, val_feat) = train_out[precision], val_out[precision]
         masks, ref_masks = (threshold_masks(a, args.threshold) for a in (val_attn, ref_attn))
         iou = (masks & ref_masks).sum(-1) / np.maximum((masks | ref_masks).sum(-1), 1)
         cosine = F.cosine_similarity(torch.from_numpy(val_feat), torch.from_numpy(ref_feat))

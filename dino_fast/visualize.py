@@ -29,7 +29,8 @@ def add_model_args(parser: argparse.ArgumentParser):
 def add_map_args(parser: argparse.ArgumentParser, default_size: list[int]):
     """``--threshold`` and ``--image_size``, as this command and ``dino_fast.infer`` take them."""
     parser.add_argument("--threshold", type=float, default=0.6,
-                        help="fraction of attention mass the masks keep (0.6 as the official video tool)")
+                        help="fraction of attention mass the masks keep (0.6 as the official "
+                        "video tool)")
     parser.add_argument("--image_size", type=int, nargs="+", default=default_size,
                         metavar="SIZE", help="H W, or one value for the shorter side (aspect "
                         f"kept); rounded to a multiple of the patch size (default {default_size})")

@@ -94,11 +94,12 @@ class DaliLoader:
         gpu = self.device.type == "cuda"
         count = min(1 if gpu else self.num_threads, len(self) - start)
         batch, pipes = self.plan.batch_size, []
+        base_seed = epoch_seed(self.plan.seed, self.epoch, self.plan.rank)
         for first in range(start, start + count):
             steps = range(first, len(self), count)
             files = [self.dataset.samples[i][0] for s in steps
                      for i in order[s * batch:(s + 1) * batch]]
-            seed = (epoch_seed(self.plan.seed, self.epoch, self.plan.rank) + first) % 2**31
+            seed = (base_seed + first) % 2**31
             pipe = self._graph.multicrop_pipeline(
                 files=files, specs=self.specs, gpu=gpu, half=self.dtype == torch.float16,
                 batch_size=batch, num_threads=self.num_threads if gpu else 1, seed=seed,
