@@ -7,6 +7,11 @@ takes the ``k`` train images of highest cosine similarity, each votes for its cl
 top-5 (top-5 only with at least 5 classes) are reported for every k in ``--nb_knn``; k is capped
 at the number of train images. Images are resized (bicubic) to ``image_size * 256 / 224``,
 center-cropped to ``image_size`` (224 by default, as official) and normalised.
+
+With ``--leave_one_out`` (our addition, for small labelled sets) there is no val set: every image
+of ``--data_path`` is a query whose neighbours are all the other images. Self-supervised training
+never sees the labels, so this is fair on the very images DINO trained on, and it scores every
+label instead of a held-out few.
 """
 import argparse
 import sys
@@ -82,15 +87,20 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 128, num_worke
 
 
 def knn_classify(train_features, train_labels, test_features, k: int, temperature: float = 0.07,
-                 num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+                 num_classes: int | None = None, chunk: int = 1024,
+                 leave_one_out: bool = False) -> torch.Tensor:
     """Class scores ``(N_test, C)`` of the weighted k-NN vote: the ``k`` most cosine-similar train
     features each add ``exp(similarity / temperature)`` to their class. Features must be
-    L2-normalised; ``k`` is capped at the number of train features."""
+    L2-normalised; ``k`` is capped at the number of candidate neighbours. ``leave_one_out``: the
+    test rows are the train rows, and no row may be its own neighbour."""
     num_classes = num_classes or int(train_labels.max()) + 1
-    k = min(k, train_features.shape[0])
+    k = min(k, train_features.shape[0] - int(leave_one_out))
     scores = []
     for start in range(0, test_features.shape[0], chunk):
         similarity = test_features[start:start + chunk] @ train_features.T  # (b, N_train)
+        if leave_one_out:
+            rows = torch.arange(similarity.shape[0], device=similarity.device)
+            similarity[rows, start + rows] = float("-inf")
         top_sim, top_idx = similarity.topk(k, dim=1, largest=True, sorted=True)  # (b, k)
         weights = (top_sim / temperature).exp()
         votes = weights.new_zeros(top_sim.shape[0], num_classes)
@@ -107,31 +117,42 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list
 
 def knn_evaluate(model, train_set, val_set, nb_knn=(10, 20, 100, 200), temperature=0.07,
                  batch_size=128, num_workers=4, device="cpu") -> dict:
-    """``{k: {'top1': %, 'top5': % or None}}`` of the weighted k-NN on ``model``'s features."""
+    """``{k: {'top1': %, 'top5': % or None}}`` of the weighted k-NN on ``model``'s features;
+    leave-one-out over ``train_set`` when ``val_set`` is None."""
     num_classes = len(train_set.classes)
     train_feats, train_labels = extract_features(model, train_set, batch_size, num_workers,
                                                  device, "train features")
-    val_feats, val_labels = extract_features(model, val_set, batch_size, num_workers, device,
-                                             "val features")
+    if val_set is None:
+        val_feats, val_labels = train_feats, train_labels
+    else:
+        val_feats, val_labels = extract_features(model, val_set, batch_size, num_workers, device,
+                                                 "val features")
     results = {}
     for k in nb_knn:
-        scores = knn_classify(train_feats, train_labels, val_feats, k, temperature, num_classes)
+        scores = knn_classify(train_feats, train_labels, val_feats, k, temperature, num_classes,
+                              leave_one_out=val_set is None)
         top1, top5 = topk_accuracy(scores, val_labels, ks=(1, min(5, k)))  # official: min(5, k)
         results[k] = {"top1": top1, "top5": top5 if num_classes >= 5 else None}
     return results
 
 
-def build_datasets(data_path, val_path=None, val_split=None, image_size=224, seed=0):
-    """Train and val ``ImageFolderDataset``s: two folders, or one split per class."""
+def build_datasets(data_path, val_path=None, val_split=None, image_size=224, seed=0,
+                   leave_one_out=False):
+    """Train and val ``ImageFolderDataset``s: two folders, or one split per class; with
+    ``leave_one_out``, the whole folder and no val set (None)."""
+    if leave_one_out + (val_path is not None) + (val_split is not None) != 1:
+        raise ValueError("give exactly one of --val_path, --val_split and --leave_one_out")
     train_set = labelled_dataset(data_path, image_size)
+    if leave_one_out:
+        if len(train_set) < 2:
+            raise ValueError(f"{data_path!r}: leave-one-out needs at least 2 images")
+        return train_set, None
     if val_path is not None:
         val_set = labelled_dataset(val_path, image_size)
         if val_set.classes != train_set.classes:
             raise ValueError(f"train classes {train_set.classes} and val classes "
                              f"{val_set.classes} differ")
         return train_set, val_set
-    if val_split is None:
-        raise ValueError("give --val_path, or --val_split to split --data_path")
     val_set = labelled_dataset(data_path, image_size)
     train_set.samples, val_set.samples = split_samples(train_set.samples, val_split, seed)
     return train_set, val_set
@@ -152,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_path", default=None, help="val folder with the same classes")
     p.add_argument("--val_split", default=None, type=float,
                    help="without --val_path: this fraction of each class of --data_path is val")
+    p.add_argument("--leave_one_out", action="store_true",
+                   help="no val set: each image of --data_path is classified by the others")
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int)
     p.add_argument("--temperature", default=0.07, type=float)
     p.add_argument("--image_size", default=224, type=int, help="center-crop size")
@@ -180,11 +203,13 @@ def main(argv=None) -> dict:
         model = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
     try:
         train_set, val_set = build_datasets(args.data_path, args.val_path, args.val_split,
-                                            args.image_size, args.seed)
+                                            args.image_size, args.seed, args.leave_one_out)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    print(f"k-NN on {len(train_set)} train / {len(val_set)} val images, "
-          f"{len(train_set.classes)} classes, {args.checkpoint or 'random init'}", flush=True)
+    queries = (f"leave-one-out on {len(train_set)}" if val_set is None
+               else f"on {len(train_set)} train / {len(val_set)} val")
+    print(f"k-NN {queries} images, {len(train_set.classes)} classes, "
+          f"{args.checkpoint or 'random init'}", flush=True)
     results = knn_evaluate(model, train_set, val_set, args.nb_knn, args.temperature,
                            args.batch_size, args.num_workers, device)
     for k, acc in results.items():

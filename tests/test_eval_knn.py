@@ -41,6 +41,19 @@ def test_knn_matches_numpy(k, num_classes, n_train, n_test):
     assert got == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.parametrize("k,n", [(3, 9), (20, 37), (200, 23)])
+def test_leave_one_out_matches_numpy_without_the_query(k, n):
+    feats = F.normalize(torch.randn(n, 16, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 6, (n,))
+    scores = eval_knn.knn_classify(feats, labels, feats, k, 0.07, 6, chunk=4, leave_one_out=True)
+    x, y = feats.numpy(), labels.numpy()
+    for i in range(n):  # row i against the others only, k capped at n - 1
+        rest = np.arange(n) != i
+        want = knn_numpy(x[rest], y[rest], x[i:i + 1], y[i:i + 1], min(k, n - 1), 0.07, 6)
+        got = eval_knn.topk_accuracy(scores[i:i + 1], labels[i:i + 1], ks=(1, min(5, k)))
+        assert got == pytest.approx(want, abs=1e-9)
+
+
 def test_knn_scores_by_hand():
     # Train points at angles 0, 90 and 180 degrees; test point at 0: sims 1, 0, -1.
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -115,6 +128,25 @@ def test_top5_only_with_five_classes_and_split(tmp_path):
                              "--val_split", "0.25", "--image_size", "32", "--nb_knn", "2",
                              "--num_workers", "0", "--device", "cpu"])
     assert results[2]["top5"] is None and 0 <= results[2]["top1"] <= 100
+
+
+def test_leave_one_out_command(tmp_path):
+    make_folder(tmp_path / "data", [4, 3, 5])
+    flags = ["--arch", "vit_tiny", "--data_path", str(tmp_path / "data"), "--image_size", "32",
+             "--nb_knn", "3", "--num_workers", "0", "--device", "cpu", "--seed", "2"]
+    results = eval_knn.main(flags + ["--leave_one_out"])
+    torch.manual_seed(2)  # the random init that main builds for --seed 2
+    model = build_vit("vit_tiny", 16)
+    feats, labels = eval_knn.extract_features(
+        model, eval_knn.labelled_dataset(str(tmp_path / "data"), 32), num_workers=0)
+    x, y = feats.double().numpy(), labels.numpy()
+    hits = [knn_numpy(np.delete(x, i, 0), np.delete(y, i), x[i:i + 1], y[i:i + 1], 3, 0.07, 3)[0]
+            for i in range(len(y))]
+    assert results[3]["top1"] == pytest.approx(np.mean(hits))
+    with pytest.raises(SystemExit, match="exactly one of"):
+        eval_knn.main(flags + ["--leave_one_out", "--val_split", "0.5"])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        eval_knn.main(flags)
 
 
 def test_unlabelled_folder_is_an_error(tmp_path):
