@@ -15,7 +15,7 @@ from tqdm import tqdm
 from dino_fast.attention_maps import find_images, load_image, save_attention_maps
 from dino_fast.data import BadImageError
 from dino_fast.export.predictor import AttentionMapPredictor
-from dino_fast.visualize import add_map_args, check_map_args
+from dino_fast.cli import add_map_args, check_map_args
 
 
 def parse_args(argv=None):

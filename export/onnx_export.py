@@ -24,7 +24,7 @@ from dino_fast.export.exportable import AttentionMapModel
 from dino_fast.export.predictor import METADATA_PREFIX, AttentionMapPredictor
 from dino_fast.ops import use_backend
 from dino_fast.models import detect_arch
-from dino_fast.visualize import add_model_args, load_model
+from dino_fast.cli import add_model_args, load_model
 
 DEFAULT_OPSET = 23  # the first with a fused Attention operator
 

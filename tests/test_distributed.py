@@ -37,7 +37,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
                    "--output_dir", tmp_path / "one", *FLAGS)
 
     got, want = load(tmp_path / "ddp" / "checkpoint.pth"), load(tmp_path / "one" / "checkpoint.pth")
-    assert_same_state(got, want, atol=2e-6)  # fp32 sums in another order
+    # fp32 sums in another order; AdamW divides by sqrt(v), so for near-zero gradients the
+    # reordering moves an element by a fraction of one step's lr (7.8e-6 here): 2.5e-6 seen.
+    assert_same_state(got, want, atol=4e-6)
     assert got["epoch"] == want["epoch"] == 1
     # Rank 0 alone logs and writes: one log line, one banner, DDP's `module.` names as official.
     with open(tmp_path / "ddp" / "log.txt") as f:

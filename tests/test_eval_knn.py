@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dino_fast import eval_knn
+from dino_fast import eval_knn, knn
 from dino_fast.models import build_vit, load_pretrained
 
 
@@ -34,8 +34,8 @@ def test_knn_matches_numpy(k, num_classes, n_train, n_test):
     test = F.normalize(torch.randn(n_test, 16, dtype=torch.float64), dim=1)
     train_labels = torch.randint(0, num_classes, (n_train,))
     test_labels = torch.randint(0, num_classes, (n_test,))
-    scores = eval_knn.knn_classify(train, train_labels, test, k, 0.07, num_classes, chunk=4)
-    got = eval_knn.topk_accuracy(scores, test_labels, ks=(1, min(5, k)))
+    scores = knn.knn_classify(train, train_labels, test, k, 0.07, num_classes, chunk=4)
+    got = knn.topk_accuracy(scores, test_labels, ks=(1, min(5, k)))
     want = knn_numpy(train.numpy(), train_labels.numpy(), test.numpy(), test_labels.numpy(), k,
                      0.07, num_classes)
     assert got == pytest.approx(want, abs=1e-9)
@@ -45,12 +45,12 @@ def test_knn_matches_numpy(k, num_classes, n_train, n_test):
 def test_leave_one_out_matches_numpy_without_the_query(k, n):
     feats = F.normalize(torch.randn(n, 16, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 6, (n,))
-    scores = eval_knn.knn_classify(feats, labels, feats, k, 0.07, 6, chunk=4, leave_one_out=True)
+    scores = knn.knn_classify(feats, labels, feats, k, 0.07, 6, chunk=4, leave_one_out=True)
     x, y = feats.numpy(), labels.numpy()
     for i in range(n):  # row i against the others only, k capped at n - 1
         rest = np.arange(n) != i
         want = knn_numpy(x[rest], y[rest], x[i:i + 1], y[i:i + 1], min(k, n - 1), 0.07, 6)
-        got = eval_knn.topk_accuracy(scores[i:i + 1], labels[i:i + 1], ks=(1, min(5, k)))
+        got = knn.topk_accuracy(scores[i:i + 1], labels[i:i + 1], ks=(1, min(5, k)))
         assert got == pytest.approx(want, abs=1e-9)
 
 
@@ -59,23 +59,23 @@ def test_knn_scores_by_hand():
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     labels = torch.tensor([0, 1, 1])
     test = torch.tensor([[1.0, 0.0]])
-    scores = eval_knn.knn_classify(train, labels, test, k=2, temperature=0.5)
+    scores = knn.knn_classify(train, labels, test, k=2, temperature=0.5)
     torch.testing.assert_close(scores, torch.tensor([[np.exp(2.0), np.exp(0.0)]],
                                                     dtype=torch.float32))
     # k above the train-set size is capped: all three vote.
-    scores = eval_knn.knn_classify(train, labels, test, k=200, temperature=0.5)
+    scores = knn.knn_classify(train, labels, test, k=200, temperature=0.5)
     torch.testing.assert_close(scores, torch.tensor([[np.exp(2.0), 1 + np.exp(-2.0)]],
                                                     dtype=torch.float32))
 
 
 def test_split_is_per_class_and_deterministic():
     samples = [(f"c{c}/{i}.png", c) for c in range(3) for i in range(10 if c else 1)]
-    train, val = eval_knn.split_samples(samples, 0.2, seed=3)
+    train, val = knn.split_samples(samples, 0.2, seed=3)
     assert sorted(train + val) == sorted(samples)
     assert [sum(1 for _, y in val if y == c) for c in range(3)] == [1, 2, 2]
-    assert eval_knn.split_samples(samples, 0.2, seed=3) == (train, val)
+    assert knn.split_samples(samples, 0.2, seed=3) == (train, val)
     with pytest.raises(ValueError, match="val_split"):
-        eval_knn.split_samples(samples, 1.5)
+        knn.split_samples(samples, 1.5)
 
 
 def make_folder(root, counts, size=40):
@@ -106,10 +106,10 @@ def test_command_matches_manual_features(tmp_path):
     # Recompute by hand: same eval transform, the model's CLS output, NumPy k-NN.
     fresh = build_vit("vit_tiny", 16)
     load_pretrained(fresh, str(ckpt))
-    transform = eval_knn.eval_transform(32)
+    transform = knn.eval_transform(32)
 
     def feats(folder):
-        ds = eval_knn.labelled_dataset(str(folder), 32)
+        ds = knn.labelled_dataset(str(folder), 32)
         x = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in ds.samples])
         with torch.no_grad():
             f = F.normalize(fresh.eval()(x), dim=1).double().numpy()
@@ -137,8 +137,8 @@ def test_leave_one_out_command(tmp_path):
     results = eval_knn.main(flags + ["--leave_one_out"])
     torch.manual_seed(2)  # the random init that main builds for --seed 2
     model = build_vit("vit_tiny", 16)
-    feats, labels = eval_knn.extract_features(
-        model, eval_knn.labelled_dataset(str(tmp_path / "data"), 32), num_workers=0)
+    feats, labels = knn.extract_features(
+        model, knn.labelled_dataset(str(tmp_path / "data"), 32), num_workers=0)
     x, y = feats.double().numpy(), labels.numpy()
     hits = [knn_numpy(np.delete(x, i, 0), np.delete(y, i), x[i:i + 1], y[i:i + 1], 3, 0.07, 3)[0]
             for i in range(len(y))]
