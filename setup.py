@@ -54,11 +54,14 @@ def cpp_extensions():
 
 
 ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's Attention-23
+HF, TIMM = ["transformers>=4.40"], ["timm>=1.0"]
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "onnx": ONNX,
+    "hf": HF,
+    "timm": TIMM,
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX],
+    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *HF, *TIMM],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 
@@ -75,7 +78,7 @@ setup(
     package_dir={"dino_fast.kernels": "kernels", "dino_fast.export": "export"},
     package_data={"dino_fast.data": ["images/*", "images/**/*"]},
     include_package_data=True,
-    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "pillow", "tqdm"],
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "pillow", "tqdm", "safetensors"],
     extras_require=extras,
     ext_modules=cpp_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

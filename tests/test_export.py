@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
 from dino_fast.export.infer import main as infer_main  # noqa: E402
 from dino_fast.export.onnx_export import TOLERANCES  # noqa: E402
-from dino_fast.export.onnx_export import main as export_main  # noqa: E402
+from dino_fast.export.command import main as export_main  # noqa: E402
 from dino_fast.models import build_vit  # noqa: E402
 from dino_fast.models import build_model  # noqa: E402
 
