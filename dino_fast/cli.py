@@ -6,6 +6,15 @@ import argparse
 from dino_fast.models import ARCHS, build_model
 
 
+def bool_flag(value: str) -> bool:
+    """Parse the official boolean flags (``true/false``, ``on/off``, ``1/0``)."""
+    if value.lower() in {"on", "true", "1"}:
+        return True
+    if value.lower() in {"off", "false", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
+
+
 def add_model_args(parser: argparse.ArgumentParser):
     """``--checkpoint --arch --patch_size --key``, as the commands that load a model take them."""
     parser.add_argument("--checkpoint", help="our or an official DINO checkpoint, or a backbone "

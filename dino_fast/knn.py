@@ -35,7 +35,7 @@ def labelled_dataset(root: str, image_size: int = 224) -> ImageFolderDataset:
     dataset = ImageFolderDataset(root, transform=eval_transform(image_size))
     unlabelled = [path for path, label in dataset.samples if label < 0]
     if not dataset.classes or unlabelled:
-        raise ValueError(f"{root!r}: k-NN needs every image inside a class sub-folder "
+        raise ValueError(f"{root!r}: evaluation needs every image inside a class sub-folder "
                          f"(root/<class>/<image>); {len(unlabelled)} image(s) have no class, "
                          f"e.g. {unlabelled[:3]}")
     return dataset

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dino_fast import distributed as dist_utils
 from dino_fast.checkpoint import load_checkpoint, save_atomic
+from dino_fast.cli import bool_flag
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
@@ -30,15 +31,6 @@ from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, b
 from dino_fast.models.pretrained import normalize_keys
 from dino_fast.optim import build_optimizer, get_params_groups
 from dino_fast.schedules import cosine_scheduler
-
-
-def bool_flag(value: str) -> bool:
-    """Parse the official boolean flags (``true/false``, ``on/off``, ``1/0``)."""
-    if value.lower() in {"on", "true", "1"}:
-        return True
-    if value.lower() in {"off", "false", "0"}:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
