@@ -46,7 +46,8 @@ def hf_config(vit) -> dict:
     """The ``ViTConfig`` of ``vit``: LayerNorm eps 1e-6 and exact GELU, as DINO's ViT."""
     dim, patch = vit.embed_dim, vit.patch_embed.patch_size
     return {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": dim,
-            "num_hidden_layers": len(vit.blocks), "num_attention_heads": vit.blocks[0].attn.num_heads,
+            "num_hidden_layers": len(vit.blocks),
+            "num_attention_heads": vit.blocks[0].attn.num_heads,
             "intermediate_size": vit.blocks[0].mlp.fc1.out_features, "hidden_act": "gelu",
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
             "initializer_range": 0.02, "layer_norm_eps": vit.norm.eps,

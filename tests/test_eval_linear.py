@@ -3,6 +3,7 @@ against a transcription of the official code, the schedule, resuming, and the co
 on a tiny synthetic labelled folder (vit_tiny at 32 px: 4 patches, so the backbone is cheap)."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -91,7 +92,8 @@ def test_training_loop_matches_the_official_one(n, avgpool):
     torch.manual_seed(7)
     theirs = OfficialLinearClassifier(dim, num_labels=4)
     assert torch.equal(ours.linear.weight, theirs.linear.weight)
-    assert abs(float(ours.linear.weight.detach().std()) - 0.01) < 2e-3 and not ours.linear.bias.any()
+    assert abs(float(ours.linear.weight.detach().std()) - 0.01) < 2e-3
+    assert not ours.linear.bias.any()
     opt_ours, _ = linear.build_optimizer(ours, 0.001, 5, epochs=10)
     opt_theirs = torch.optim.SGD(theirs.parameters(), 0.001 * 5 / 256.0, momentum=0.9,
                                  weight_decay=0)
@@ -210,3 +212,29 @@ def test_cached_features_say_they_are_not_the_official_number(tmp_path, capsys):
     eval_linear.main([*TINY, "--data_path", data, "--val_path", data, "--epochs", "1",
                       "--cached_features", "--output_dir", str(tmp_path / "out")])
     assert capsys.readouterr().out.count("not the official linear-evaluation number") == 2
+
+
+@pytest.mark.slow  # 3 interpreter starts: about 40 s on a loaded 2-core machine
+@pytest.mark.skipif(not torch.distributed.is_available()
+                    or not torch.distributed.is_gloo_available(), reason="no Gloo")
+def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """DDP averages the two shards' gradients: the same classifier as one process with their
+    union as its batch (cached features, so no random crops differ)."""
+    from _training import free_port, run
+    data = make_folder(tmp_path / "data", classes=2, per_class=8)
+    flags = ["--arch", "vit_tiny", "--image_size", "32", "--num_workers", "0", "--lr", "0.5",
+             "--data_path", data, "--val_path", data, "--cached_features", "--epochs", "2",
+             "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m",
+           "dino_fast.eval_linear", *flags, "--batch_size_per_gpu", "4",
+           "--output_dir", str(tmp_path / "ddp")]
+    ddp = run(cmd, timeout=150)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("Top-1 test accuracy") == 1  # rank 0 alone prints and writes
+    eval_linear.main([*flags, "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "one")])
+    got = torch.load(tmp_path / "ddp" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    want = torch.load(tmp_path / "one" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    assert not torch.equal(want["module.linear.bias"], torch.zeros(2))  # it did train

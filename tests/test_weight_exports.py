@@ -2,8 +2,8 @@
 
 Each export is compared with our ViT on the CLS embedding at 224 px (within 1e-4, fp32), for
 vit_tiny and vit_small at patch 16 and 8 (vit_base differs only in width), from our training
-checkpoints and from official-layout ones. Most models keep 1 of their 12 blocks to stay fast: the exported config
-says the depth, and block i maps the same way for every i. Positional embeddings are randomised
+checkpoints and from official-layout ones. Most models keep 1 of their 12 blocks to stay fast:
+the exported config says the depth, and block i maps the same way for every i. Positional embeddings are randomised
 so that a wrong mapping of them shows.
 """
 import json
