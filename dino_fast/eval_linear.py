@@ -186,7 +186,10 @@ def run(args, device) -> dict:
 
 def main(argv=None) -> dict:
     """Entry point of ``python -m dino_fast.eval_linear``; returns the last validation's stats."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.val_path is None) == (args.val_split is None):
+        parser.error("give one of --val_path and --val_split")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

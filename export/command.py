@@ -20,6 +20,7 @@ import os
 
 from dino_fast.cli import add_model_args, load_model
 from dino_fast.models import checkpoint_epoch, detect_arch
+from dino_fast.models.pretrained import SAFETENSORS_SUFFIX
 
 FORMATS = ("onnx", "safetensors", "hf", "timm")
 ONNX_ONLY = ("image_size", "fp16", "int8", "opset", "optimize")
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     given = [f"--{name}" for name in ONNX_ONLY if getattr(args, name) not in (None, False)]
     if args.format != "onnx" and given:
         parser.error(f"{', '.join(given)}: for --format onnx only, not {args.format}")
+    if args.format == "safetensors" and not args.output.endswith(SAFETENSORS_SUFFIX):
+        parser.error(f"--output {args.output}: name the file *{SAFETENSORS_SUFFIX} (the loaders "
+                     "tell the format by its suffix)")
     return args
 
 

@@ -176,7 +176,8 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
     assert straight["best_acc"] == resumed["best_acc"]
     for key, tensor in straight["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][key]), key
-    logged = [json.loads(line) for line in open(tmp_path / "resumed" / "log.txt")]
+    logged = [json.loads(line)
+              for line in (tmp_path / "resumed" / "log.txt").read_text().splitlines()]
     assert [entry["epoch"] for entry in logged] == [0, 1, 2]
     with pytest.raises(SystemExit, match="--cached_features"):  # the other feature mode
         eval_linear.main([*TINY, "--data_path", data, "--val_split", "0.25", "--epochs", "4",

@@ -111,6 +111,9 @@ def test_onnx_flags_are_refused_for_other_formats(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--format", "hf", "--fp16", "--output", str(tmp_path / "hf")])
     assert "--fp16: for --format onnx only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main(["--format", "safetensors", "--output", str(tmp_path / "w.pth")])
+    assert "name the file *.safetensors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch,patch", MODELS, ids=lambda v: str(v))
