@@ -85,78 +85,58 @@ def frozen_backbone(args, device):
 
 
 def loaders(args, train_data, val_data, device):
-    """The train loader (sharded and shuffled per epoch by its sampler) and the val loader."""
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        train_data, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(),
-        shuffle=True, seed=args.seed)
+    """The train loader (sharded and shuffled per epoch by its sampler; None without train
+    data) and the val loader."""
     workers = min(args.num_workers, os.cpu_count() or 1)
     common = {"batch_size": args.batch_size_per_gpu, "num_workers": workers,
               "pin_memory": device.type == "cuda"}
-    return (torch.utils.data.DataLoader(train_data, sampler=sampler, **common),
-            torch.utils.data.DataLoader(val_data, shuffle=False, **common))
+    val_loader = torch.utils.data.DataLoader(val_data, shuffle=False, **common)
+    if train_data is None:
+        return None, val_loader
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        train_data, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(),
+        shuffle=True, seed=args.seed)
+    return torch.utils.data.DataLoader(train_data, sampler=sampler, **common), val_loader
 
 
-def run(args, device) -> dict:
-    """Train (or, with ``--evaluate``, only validate) the linear classifier; returns the last
-    validation's statistics with ``best_acc``."""
-    model, arch = frozen_backbone(args, device)
+def feature_settings(args, arch: str, depth: int) -> tuple[int, bool]:
+    """``(n_last_blocks, avgpool_patchtokens)``: the flags, else the official ones for ``arch``."""
     n_blocks, avgpool = default_feature_args(arch)
     n_blocks = args.n_last_blocks if args.n_last_blocks is not None else n_blocks
     avgpool = args.avgpool_patchtokens if args.avgpool_patchtokens is not None else avgpool
-    try:
-        check_feature_args(n_blocks, avgpool, len(model.blocks))
-        train_set, val_set = build_datasets(args.data_path, args.val_path, args.val_split,
-                                            args.image_size, args.seed)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
-    num_labels = len(train_set.classes)
-    featurize = partial(frozen_features, model, n_last_blocks=n_blocks, avgpool=avgpool)
-    main = dist_utils.is_main_process()
-    if main:
-        print(f"linear evaluation of {args.checkpoint or 'a random ' + arch}: {arch}/"
-              f"{model.patch_embed.patch_size}, last {n_blocks} CLS tokens"
-              f"{' + pooled patch tokens' if avgpool else ''}, {len(train_set)} train / "
-              f"{len(val_set)} val images, {num_labels} classes", flush=True)
-    if args.cached_features:
-        if main:
-            print(CACHED_NOTE, flush=True)
-        extract = partial(extract_features, featurize, batch_size=args.batch_size_per_gpu,
-                          num_workers=min(args.num_workers, os.cpu_count() or 1), device=device)
-        train_data, val_data = extract(train_set, desc="train features"), extract(
-            val_set, desc="val features")
-        featurize = nn.Identity()
-    else:
-        train_set.transform = train_transform(args.image_size)
-        train_data, val_data = train_set, val_set
-    train_loader, val_loader = loaders(args, train_data, val_data, device)
+    check_feature_args(n_blocks, avgpool, depth)
+    return n_blocks, avgpool
 
-    torch.manual_seed(args.seed)
-    classifier = LinearClassifier(feature_dim(model.embed_dim, n_blocks, avgpool),
-                                  num_labels).to(device)
-    optimizer, scheduler = build_optimizer(classifier, args.lr, args.batch_size_per_gpu,
-                                           args.epochs)
-    path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    start_epoch, best_acc = 0, 0.0
-    if os.path.isfile(path):
-        try:
-            start_epoch, best_acc = restore_state(path, classifier, optimizer, scheduler,
-                                                  args.cached_features)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from err
-        if main:
-            print(f"resumed from {path} at epoch {start_epoch}", flush=True)
-    elif args.evaluate:
-        raise SystemExit(f"error: --evaluate: no classifier at {path}")
-    if args.evaluate:
-        stats = validate(featurize, classifier, val_loader, num_labels, device)
-        print(f"Accuracy of the network on the {len(val_data)} test images: "
-              f"{stats['acc1']:.1f}%", flush=True)
-        return {**stats, "best_acc": best_acc}
+
+def prepare_data(args, featurize, device):
+    """``(train data, val data, featurizer, classes)``: augmented images and ``featurize``, or
+    (``--cached_features``) features extracted once and the identity; with ``--evaluate`` there
+    is nothing to extract from the train set (None)."""
+    train_set, val_set = build_datasets(args.data_path, args.val_path, args.val_split,
+                                        args.image_size, args.seed)
+    if dist_utils.is_main_process():
+        print(f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} "
+              f"classes{'; ' + CACHED_NOTE if args.cached_features else ''}", flush=True)
+    if not args.cached_features:
+        train_set.transform = train_transform(args.image_size)
+        return train_set, val_set, featurize, train_set.classes
+    extract = partial(extract_features, featurize, batch_size=args.batch_size_per_gpu,
+                      num_workers=min(args.num_workers, os.cpu_count() or 1), device=device)
+    train_data = None if args.evaluate else extract(train_set, desc="train features")
+    return train_data, extract(val_set, desc="val features"), nn.Identity(), train_set.classes
+
+
+def fit(args, featurize, classifier, optimizer, scheduler, train_data, val_data, device,
+        start_epoch: int, best_acc: float) -> dict:
+    """The official epoch loop from ``start_epoch``: train, validate every ``--val_freq``
+    epochs and at the end, log and save (rank 0). Returns the last validation with
+    ``best_acc``."""
+    train_loader, val_loader = loaders(args, train_data, val_data, device)
     trained = classifier
     if dist_utils.is_dist():
         trained = nn.parallel.DistributedDataParallel(
             classifier, device_ids=[device.index] if device.type == "cuda" else None)
-    stats = {}
+    main, stats = dist_utils.is_main_process(), {}
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         torch.manual_seed(args.seed + 1000 * epoch + dist_utils.get_rank())  # crops, workers
@@ -165,7 +145,7 @@ def run(args, device) -> dict:
         scheduler.step()
         log["epoch"] = epoch
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            stats = validate(featurize, classifier, val_loader, num_labels, device)
+            stats = validate(featurize, classifier, val_loader, classifier.num_labels, device)
             best_acc = max(best_acc, stats["acc1"])
             top5 = f", top-5 {stats['acc5']:.2f}%" if "acc5" in stats else ""
             if main:
@@ -175,13 +155,52 @@ def run(args, device) -> dict:
         if main:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log) + "\n")
-            save_state(path, classifier, optimizer, scheduler, epoch + 1, best_acc,
-                       args.cached_features)
-    if main:
-        print(f"Linear classifier on frozen features trained. Top-1 test accuracy: "
-              f"{best_acc:.1f}{' (' + CACHED_NOTE + ')' if args.cached_features else ''}",
-              flush=True)
+            save_state(os.path.join(args.output_dir, CHECKPOINT_NAME), classifier, optimizer,
+                       scheduler, epoch + 1, best_acc, args.cached_features)
     return {**stats, "best_acc": best_acc}
+
+
+def run(args, device) -> dict:
+    """Train (or, with ``--evaluate``, only validate) the linear classifier; returns the last
+    validation's statistics with ``best_acc``."""
+    model, arch = frozen_backbone(args, device)
+    path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    try:
+        n_blocks, avgpool = feature_settings(args, arch, len(model.blocks))
+        if args.evaluate and not os.path.isfile(path):
+            raise ValueError(f"--evaluate: no classifier at {path}")
+        if dist_utils.is_main_process():
+            print(f"linear evaluation of {args.checkpoint or 'a random ' + arch}: {arch}/"
+                  f"{model.patch_embed.patch_size}, last {n_blocks} CLS tokens"
+                  f"{' + pooled patch tokens' if avgpool else ''}", flush=True)
+        featurize = partial(frozen_features, model, n_last_blocks=n_blocks, avgpool=avgpool)
+        train_data, val_data, featurize, classes = prepare_data(args, featurize, device)
+        torch.manual_seed(args.seed)
+        classifier = LinearClassifier(feature_dim(model.embed_dim, n_blocks, avgpool),
+                                      len(classes)).to(device)
+        optimizer, scheduler = build_optimizer(classifier, args.lr, args.batch_size_per_gpu,
+                                               args.epochs)
+        start_epoch, best_acc = 0, 0.0
+        if os.path.isfile(path):
+            start_epoch, best_acc = restore_state(path, classifier, optimizer, scheduler,
+                                                  args.cached_features)
+            if dist_utils.is_main_process():
+                print(f"resumed from {path} at epoch {start_epoch}", flush=True)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.evaluate:
+        val_loader = loaders(args, None, val_data, device)[1]
+        stats = validate(featurize, classifier, val_loader, len(classes), device)
+        print(f"Accuracy of the network on the {len(val_data)} test images: "
+              f"{stats['acc1']:.1f}%", flush=True)
+        return {**stats, "best_acc": best_acc}
+    result = fit(args, featurize, classifier, optimizer, scheduler, train_data, val_data, device,
+                 start_epoch, best_acc)
+    if dist_utils.is_main_process():
+        print(f"Linear classifier on frozen features trained. Top-1 test accuracy: "
+              f"{result['best_acc']:.1f}{' (' + CACHED_NOTE + ')' if args.cached_features else ''}",
+              flush=True)
+    return result
 
 
 def main(argv=None) -> dict:
