@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=".", help="checkpoint.pth.tar and log.txt")
     p.add_argument("--evaluate", action="store_true",
                    help="only validate the classifier saved in --output_dir")
-    p.add_argument("--cached_features", action="store_true", help=CACHED_NOTE)
+    p.add_argument("--cached_features", action="store_true",
+                   help="extract features once, without augmentation, and train on them (fast; "
+                   "not the official number)")
+    p.add_argument("--num_labels", type=int, default=None,
+                   help="official flag; the classes are those of --data_path, so it must agree")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--seed", type=int, default=0,
                    help="classifier init, shuffling, crops, the val split, a random backbone")
@@ -117,6 +121,9 @@ def prepare_data(args, featurize, device):
     if dist_utils.is_main_process():
         print(f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} "
               f"classes{'; ' + CACHED_NOTE if args.cached_features else ''}", flush=True)
+    if args.num_labels is not None and args.num_labels != len(train_set.classes):
+        raise ValueError(f"--num_labels {args.num_labels}, but {args.data_path} has "
+                         f"{len(train_set.classes)} classes")
     if not args.cached_features:
         train_set.transform = train_transform(args.image_size)
         return train_set, val_set, featurize, train_set.classes

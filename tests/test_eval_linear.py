@@ -204,6 +204,8 @@ def test_command_end_to_end_on_images(tmp_path, capsys):
         eval_linear.main([*flags, "--avgpool_patchtokens", "true"])
     with pytest.raises(SystemExit, match="holds another classifier"):
         eval_linear.main([*flags, "--n_last_blocks", "1", "--epochs", "3"])
+    with pytest.raises(SystemExit, match="--num_labels 1000, but"):
+        eval_linear.main([*flags, "--num_labels", "1000"])
     with pytest.raises(SystemExit, match="no classifier"):
         eval_linear.main([*flags, "--evaluate", "--output_dir", str(tmp_path / "none")])
 
