@@ -1,11 +1,10 @@
-"""Linear classification on frozen features: DINO's linear evaluation (Caron et al. 2021, Sec. 4.1
-and Appendix; official ``eval_linear.py``). ``python -m dino_fast.eval_linear`` is the command
-over it.
+"""Linear classification on frozen features: DINO's linear evaluation (Caron et al. 2021; official
+``eval_linear.py``). ``python -m dino_fast.eval_linear`` is the command over it.
 
 The backbone is frozen. Features: the CLS tokens of the last ``n_last_blocks`` blocks (each
 through the final norm) concatenated, and with ``avgpool_patchtokens`` the last block's patch
-tokens averaged, interleaved with its CLS token as the official reshape does (so official linear
-weights load). Official settings: n = 4 without pooling for ViT-S (and tiny), n = 1 with pooling
+tokens averaged, interleaved with its CLS token as the official reshape does (the layout of
+official linear weights). Official settings: n = 4 without pooling for ViT-S (and tiny), n = 1 with pooling
 for ViT-B. A linear layer (weights N(0, 0.01), bias 0) is trained with cross-entropy by SGD
 (momentum 0.9, no weight decay) at ``lr * global batch / 256``, cosine-annealed to 0 per epoch.
 """
