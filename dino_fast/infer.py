@@ -2,9 +2,8 @@
 
 A thin entry point; the command lives in :mod:`dino_fast.export.infer`.
 """
-import sys
-
+from dino_fast.errors import run_command
 from dino_fast.export.infer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

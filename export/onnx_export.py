@@ -25,6 +25,8 @@ from dino_fast.export.predictor import METADATA_PREFIX, AttentionMapPredictor
 from dino_fast.ops import use_backend
 from dino_fast.models import detect_arch
 from dino_fast.cli import add_model_args, load_model
+from dino_fast.errors import FlagError, add_debug_flag
+from dino_fast.flags import EXPORT, EXPORT_PATHS, validate_args
 
 DEFAULT_OPSET = 23  # the first with a fused Attention operator
 
@@ -154,7 +156,10 @@ def parse_args(argv=None):
     parser.add_argument("--optimize", "--simplify", action="store_true",
                         help="save ONNX Runtime's optimised graph (fusions, constant folding)")
     parser.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime check")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    validate_args(args, EXPORT, EXPORT_PATHS)
+    return args
 
 
 def main(argv=None):
@@ -162,6 +167,10 @@ def main(argv=None):
     args = parse_args(argv)
     vit = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
     arch = args.arch or detect_arch(vit.state_dict())[0]
+    patch = vit.patch_embed.patch_size
+    if args.image_size and any(s % patch for s in args.image_size):
+        raise FlagError(f"--image_size {' '.join(map(str, args.image_size))} must be multiples "
+                        f"of the patch size {patch}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     export_onnx(vit, args.output, tuple(args.image_size) if args.image_size else None, args.fp16,
                 args.opset, arch, args.optimize, check=not args.no_check, int8=args.int8)

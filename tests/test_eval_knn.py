@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dino_fast import eval_knn, knn
+from dino_fast.errors import UserError
 from dino_fast.models import build_vit, load_pretrained
 
 
@@ -101,7 +102,7 @@ def test_command_matches_manual_features(tmp_path):
              str(tmp_path / "val"), "--image_size", "32", "--nb_knn", "3", "200", "--batch_size",
              "4", "--num_workers", "0", "--device", "cpu"]
     results = eval_knn.main(flags)  # the arch comes from the checkpoint
-    with pytest.raises(SystemExit, match="holds a vit_tiny/16 ViT"):
+    with pytest.raises(UserError, match="holds a vit_tiny/16 ViT"):
         eval_knn.main(flags + ["--arch", "vit_small"])
     # Recompute by hand: same eval transform, the model's CLS output, NumPy k-NN.
     fresh = build_vit("vit_tiny", 16)
@@ -143,15 +144,15 @@ def test_leave_one_out_command(tmp_path):
     hits = [knn_numpy(np.delete(x, i, 0), np.delete(y, i), x[i:i + 1], y[i:i + 1], 3, 0.07, 3)[0]
             for i in range(len(y))]
     assert results[3]["top1"] == pytest.approx(np.mean(hits))
-    with pytest.raises(SystemExit, match="exactly one of"):
+    with pytest.raises(UserError, match="exactly one of"):
         eval_knn.main(flags + ["--leave_one_out", "--val_split", "0.5"])
-    with pytest.raises(SystemExit, match="exactly one of"):
+    with pytest.raises(UserError, match="exactly one of"):
         eval_knn.main(flags)
 
 
 def test_unlabelled_folder_is_an_error(tmp_path):
     make_folder(tmp_path / "data", [2])
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "loose.png")
-    with pytest.raises(SystemExit, match="class sub-folder"):
+    with pytest.raises(UserError, match="class sub-folder"):
         eval_knn.main(["--arch", "vit_tiny", "--data_path", str(tmp_path / "data"),
                        "--val_split", "0.5", "--device", "cpu"])
