@@ -49,13 +49,13 @@ def add_map_args(parser: argparse.ArgumentParser, default_size: list[int]):
                         f"kept); rounded to a multiple of the patch size (default {default_size})")
 
 
-def check_map_args(args, paths=()):
+def check_map_args(parser: argparse.ArgumentParser, args, paths=()):
     """Reject a map flag out of range (:data:`dino_fast.flags.MAPS`) or an empty path among
     ``paths`` with a :class:`FlagError`."""
     if len(args.image_size) > 2:
         raise FlagError("--image_size takes one value (shorter side) or two (H W), got "
                         f"{len(args.image_size)}")
-    validate_args(args, MAPS, paths)
+    validate_args(args, MAPS, paths, parser)
 
 
 def load_model(checkpoint, arch, patch_size, key):

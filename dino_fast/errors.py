@@ -7,6 +7,7 @@ command, or ``DINO_FAST_DEBUG=1``, shows it again. Anything else is a bug or an 
 failure and keeps its traceback.
 """
 import errno
+import functools
 import os
 import sys
 
@@ -41,7 +42,7 @@ def debug_requested(argv) -> bool:
 
 
 def add_debug_flag(parser):
-    """Add ``--debug`` (read by :func:`run_command`) to a command's parser."""
+    """Add ``--debug`` (read by :func:`command`) to a command's parser."""
     parser.add_argument("--debug", action="store_true",
                         help=f"show the Python traceback of errors (also: {DEBUG_ENV}=1)")
 
@@ -55,15 +56,27 @@ def one_line(err: BaseException) -> str:
     return " ".join(message.split())
 
 
-def run_command(main, argv=None):
-    """Run a command's ``main(argv)`` and exit with its return value; a user error prints one
-    line to stderr and exits with its status, unless debugging was asked for."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        status = main(argv)
-    except Exception as err:  # sorted below: the user's to fix, or a bug with its traceback
-        if not is_user_error(err) or debug_requested(argv):
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        sys.exit(getattr(err, "exit_code", 1))
-    sys.exit(status if isinstance(status, int) else 0)
+def command(main):
+    """Decorate a command's ``main(argv=None)``: a user error raised inside prints one line to
+    stderr and exits with its status (``SystemExit``), unless debugging was asked for; other
+    errors propagate with their traceback. Every way of starting the command (``python -m``,
+    a console script, a call from Python) then behaves the same."""
+    @functools.wraps(main)
+    def checked_main(argv=None):
+        try:
+            return main(argv)
+        except Exception as err:  # sorted below: the user's to fix, or a bug with its traceback
+            if not is_user_error(err) or debug_requested(sys.argv[1:] if argv is None else argv):
+                raise
+            _close_progress_bars()
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            sys.exit(getattr(err, "exit_code", 1))
+    return checked_main
+
+
+def _close_progress_bars():
+    """Close the tqdm bars that the error left open, so that the error line starts a line of
+    its own instead of continuing the bar's."""
+    tqdm_module = sys.modules.get("tqdm")  # imported only if the command showed progress
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()

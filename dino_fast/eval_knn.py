@@ -25,7 +25,7 @@ import os
 import torch
 
 from dino_fast.cli import add_model_args, bool_flag, load_model
-from dino_fast.errors import FlagError, UserError, add_debug_flag, run_command
+from dino_fast.errors import FlagError, UserError, add_debug_flag, command
 from dino_fast.flags import EVAL_KNN, EVAL_KNN_PATHS, validate_args
 from dino_fast.knn import build_datasets, dataset_features, knn_scores, load_features, save_features
 from dino_fast.models import build_vit
@@ -94,10 +94,12 @@ def compute_features(args, device):
     return features
 
 
+@command
 def main(argv=None) -> dict:
     """Entry point of ``python -m dino_fast.eval_knn``; prints and returns the accuracies."""
-    args = build_parser().parse_args(argv)
-    validate_args(args, EVAL_KNN, EVAL_KNN_PATHS)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(args, EVAL_KNN, EVAL_KNN_PATHS, parser)
     device = resolve_device(args.device)
     if args.load_features:
         features = load_features(args.load_features, args.leave_one_out).to(device)
@@ -113,4 +115,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_command(main)
+    main()

@@ -86,23 +86,31 @@ EXPORT = {"patch_size": at_least(1), "image_size": at_least(1),
 EXPORT_PATHS = ("checkpoint", "output")
 
 
-def validate_args(args, ranges: dict, paths=()):
+def validate_args(args, ranges: dict, paths=(), parser=None):
     """Raise :class:`FlagError` for the first flag of ``args`` outside its range in ``ranges``
     (each element of a list flag is checked), or for an empty path among ``paths``. Flags left
-    at None (not given, no default) are not checked."""
+    at None (not given, no default) are not checked. With ``parser``, the error names every
+    spelling of the flag (``--batch_size/--batch_size_per_gpu``)."""
     for name, valid in ranges.items():
         value = getattr(args, name, None)
         if value is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(v not in valid for v in values):
-            raise FlagError(f"--{name} must be {valid}, got {_show(value)}")
+            raise FlagError(f"{_flag(name, parser)} must be {valid}, got {_show(value)}")
     for name in paths:
         value = getattr(args, name, None)
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, str) and not v.strip() for v in values):
-            raise FlagError(f"--{name} was given an empty path (an unset shell variable?); give "
-                            "a path or leave the flag out")
+            raise FlagError(f"{_flag(name, parser)} was given an empty path (an unset shell "
+                            "variable?); give a path or leave the flag out")
+
+
+def _flag(dest: str, parser) -> str:
+    """The option strings of the flag stored in ``dest``, joined by ``/``."""
+    spellings = [action.option_strings for action in getattr(parser, "_actions", [])
+                 if action.dest == dest and action.option_strings]
+    return "/".join(spellings[0]) if spellings else f"--{dest}"
 
 
 def _show(value) -> str:

@@ -2,8 +2,9 @@
 
 A thin entry point; the command lives in :mod:`dino_fast.export.infer`.
 """
-from dino_fast.errors import run_command
+import sys
+
 from dino_fast.export.infer import main
 
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(main())

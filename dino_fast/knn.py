@@ -201,6 +201,8 @@ def build_datasets(data_path, val_path=None, val_split=None, image_size=224, see
     """Train and val ``ImageFolderDataset``s: ``data_path/train`` and ``data_path/val`` (the
     official layout, see :func:`official_layout`), two folders, or one split per class; with
     ``leave_one_out``, the whole folder and no val set (None)."""
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data_path {data_path!r} does not exist or is not a folder")
     choices = leave_one_out + (val_path is not None) + (val_split is not None)
     if official_layout(data_path):
         if choices:

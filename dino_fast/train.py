@@ -26,7 +26,7 @@ from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
 from dino_fast.engine import PRECISIONS, NonFiniteLossError, TrainStep
-from dino_fast.errors import add_debug_flag, run_command
+from dino_fast.errors import add_debug_flag, command
 from dino_fast.flags import check_train_args
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
@@ -325,6 +325,7 @@ def log(message: str):
         print(message, flush=True)
 
 
+@command
 def main(argv=None):
     """Entry point of ``python -m dino_fast.train``."""
     args = build_parser().parse_args(argv)
@@ -341,4 +342,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_command(main)
+    main()

@@ -15,7 +15,7 @@ import torch
 
 from dino_fast.attention_maps import cls_patch_attention, load_image, save_attention_maps
 from dino_fast.cli import add_map_args, add_model_args, check_map_args, load_model
-from dino_fast.errors import add_debug_flag, run_command
+from dino_fast.errors import add_debug_flag, command
 from dino_fast.flags import VISUALIZE_PATHS
 from dino_fast.ops import use_backend
 
@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    check_map_args(args, VISUALIZE_PATHS)
+    check_map_args(parser, args, VISUALIZE_PATHS)
     return args
 
 
@@ -41,6 +41,7 @@ def last_cls_attention(model, image: torch.Tensor) -> torch.Tensor:
     return cls_patch_attention(attn[0]).float().cpu()
 
 
+@command
 def main(argv=None) -> list[str]:
     """Command line entry point; returns the written files."""
     args = parse_args(argv)
@@ -54,4 +55,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    run_command(main)
+    main()

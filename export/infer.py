@@ -16,7 +16,7 @@ from dino_fast.attention_maps import find_images, load_image, save_attention_map
 from dino_fast.data import BadImageError
 from dino_fast.export.predictor import AttentionMapPredictor
 from dino_fast.cli import add_map_args, check_map_args, official_arch
-from dino_fast.errors import UserError, add_debug_flag, run_command
+from dino_fast.errors import UserError, add_debug_flag, command
 from dino_fast.flags import INFER_PATHS
 
 
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="ONNX Runtime CPU threads")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    check_map_args(args, INFER_PATHS)
+    check_map_args(parser, args, INFER_PATHS)
     return args
 
 
@@ -46,6 +46,7 @@ def output_name(path: str, used: set[str]) -> str:
     return name
 
 
+@command
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (1 when no image could be read)."""
     args = parse_args(argv)
@@ -79,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(main())

@@ -25,7 +25,7 @@ from dino_fast.export.predictor import METADATA_PREFIX, AttentionMapPredictor
 from dino_fast.ops import use_backend
 from dino_fast.models import detect_arch
 from dino_fast.cli import add_model_args, load_model
-from dino_fast.errors import FlagError, add_debug_flag
+from dino_fast.errors import FlagError, add_debug_flag, command
 from dino_fast.flags import EXPORT, EXPORT_PATHS, validate_args
 
 DEFAULT_OPSET = 23  # the first with a fused Attention operator
@@ -158,10 +158,11 @@ def parse_args(argv=None):
     parser.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime check")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    validate_args(args, EXPORT, EXPORT_PATHS)
+    validate_args(args, EXPORT, EXPORT_PATHS, parser)
     return args
 
 
+@command
 def main(argv=None):
     """Command line entry point of ``python -m dino_fast.export``."""
     args = parse_args(argv)

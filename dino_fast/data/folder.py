@@ -70,10 +70,10 @@ def _scan(root: str) -> tuple[list[str], list[str]]:
     """``(image files, skipped entries)`` under ``root``, relative to it (see find_images)."""
     real_root = os.path.realpath(root)
     seen_folders = {_identity(os.stat(root))}
-    seen_files = set()  # identities of linked files that lead outside root
-    files, skipped, pending = [], [], [""]
+    seen_files = set()  # identities of the files reached through links leading outside root
+    files, skipped, pending = [], [], [("", False)]  # (folder, whether it lies outside root)
     while pending:
-        folder = pending.pop()
+        folder, outside = pending.pop()
         try:
             entries = sorted(os.scandir(os.path.join(root, folder)), key=lambda e: e.name)
         except OSError:
@@ -89,19 +89,19 @@ def _scan(root: str) -> tuple[list[str], list[str]]:
                     identity = _identity(entry.stat())
                     if not linked_inside and identity not in seen_folders:
                         seen_folders.add(identity)
-                        subfolders.append(relative)
-                elif not entry.name.lower().endswith(IMAGE_EXTENSIONS) or linked_inside:
-                    continue  # not an image, or listed at its own path
-                elif not entry.is_file():  # FIFO, socket, device: stat-ed, never opened
+                        subfolders.append((relative, outside or entry.is_symlink()))
+                elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                elif not entry.is_file():  # FIFO, socket, device, broken link: never opened
                     skipped.append(relative)
-                elif entry.is_symlink():
+                elif outside or entry.is_symlink():  # may be reached by several paths
                     identity = _identity(entry.stat())
-                    if identity not in seen_files:
+                    if not linked_inside and identity not in seen_files:
                         seen_files.add(identity)
                         files.append(relative)
-                else:
+                else:  # the common case costs no system call (d_type)
                     files.append(relative)
-            except OSError:  # a broken link, or an entry removed while scanning
+            except OSError:  # an entry removed while scanning
                 skipped.append(relative)
         pending.extend(reversed(subfolders))  # depth first, in name order
     return sorted(files), sorted(skipped)
