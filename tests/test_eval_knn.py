@@ -1,6 +1,8 @@
 """k-NN evaluation (official ``eval_knn.py`` semantics): the weighted vote against a NumPy
 transcription of the official loop, the per-class split, and the command end to end on a tiny
 synthetic labelled folder."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,43 @@ def test_unlabelled_folder_is_an_error(tmp_path, capsys):
     assert "class sub-folder" in user_error(capsys, eval_knn.main, [
         "--arch", "vit_tiny", "--data_path", str(tmp_path / "data"), "--val_split", "0.5",
         "--device", "cpu"])
+
+
+def test_official_flags_layout_and_saved_features(tmp_path, capsys, monkeypatch):
+    """eval_knn.py's flag names, ROOT/train + ROOT/val, --dump_features/--load_features."""
+    make_folder(tmp_path / "root" / "train", [3, 3, 2])
+    make_folder(tmp_path / "root" / "val", [1, 2, 1])
+    torch.manual_seed(3)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in build_vit("vit_tiny").state_dict()
+                            .items()}}, ckpt)
+    workers = []
+    extract = eval_knn.dataset_features
+
+    def spy(model, train_set, val_set, batch_size, num_workers, device):  # records, runs inline
+        workers.append(num_workers)
+        return extract(model, train_set, val_set, batch_size, 0, device)
+
+    monkeypatch.setattr(eval_knn, "dataset_features", spy)
+    monkeypatch.setattr(eval_knn.os, "cpu_count", lambda: 3)
+    common = ["--image_size", "32", "--nb_knn", "2", "5", "--device", "cpu"]
+    root = tmp_path / "root"
+    ours = eval_knn.main(["--checkpoint", str(ckpt), "--data_path", str(root / "train"),
+                          "--val_path", str(root / "val"), "--num_workers", "2", *common])
+    official = eval_knn.main([
+        "--pretrained_weights", str(ckpt), "--checkpoint_key", "teacher", "--arch", "deit_tiny",
+        "--patch_size", "16", "--data_path", str(tmp_path / "root"), "--batch_size_per_gpu", "4",
+        "--temperature", "0.07", "--num_workers", "64", "--use_cuda", "false",
+        "--dump_features", str(tmp_path / "features"), *common])
+    assert official == ours and workers == [2, 3]  # 64 workers capped at the 3 CPUs
+    assert sorted(os.listdir(tmp_path / "features")) == sorted(knn.FEATURE_FILES.values())
+    loaded = eval_knn.main(["--load_features", str(tmp_path / "features"), *common])
+    assert loaded == ours and workers == [2, 3]  # no model, no images
+    # The official layout is used as it is, and one class is no k-NN score.
+    line = user_error(capsys, eval_knn.main, ["--data_path", str(tmp_path / "root"),
+                                              "--val_split", "0.5", *common])
+    assert "official layout" in line
+    make_folder(tmp_path / "single" / "train", [3])
+    make_folder(tmp_path / "single" / "val", [2])
+    line = user_error(capsys, eval_knn.main, ["--data_path", str(tmp_path / "single"), *common])
+    assert "at least two classes" in line

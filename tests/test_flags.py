@@ -5,13 +5,12 @@ import math
 import re
 
 import pytest
+from _cli import user_error
+from _training import TINY_RUN
 
 from dino_fast import eval_knn, train, visualize
 from dino_fast.errors import FlagError
 from dino_fast.flags import EVAL_KNN, EXPORT, MAPS, TRAIN, Range, check_train_args
-
-from _cli import user_error
-from _training import TINY_RUN
 
 # (bad flags, the flag the error must name)
 TRAIN_CASES = [
@@ -141,3 +140,12 @@ def test_range_bounds():
     assert 0 in Range(0) and 0 not in Range(0, low_open=True)
     assert 1 in Range(0, 1) and 1 not in Range(0, 1, high_open=True)
     assert str(Range(0, 1, low_open=True)) == "in (0, 1]" and str(Range(1)) == ">= 1"
+
+
+def test_deit_names_map_to_vit():
+    """As official main_dino.py: "we changed the name DeiT-S for ViT-S"."""
+    for official, ours in (("deit_tiny", "vit_tiny"), ("deit_small", "vit_small"),
+                           ("vit_base", "vit_base")):
+        assert train.build_parser().parse_args(["--arch", official]).arch == ours
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--arch", "resnet50"])
