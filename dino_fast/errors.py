@@ -30,6 +30,11 @@ class FlagError(UserError, ValueError):
     exit_code = 2
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package that a flag asked for (``--loader dali``, ``--attn_backend
+    xformers``) is not installed; the message says how to install it."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is the user's to fix: a :class:`UserError`, or a file-system error such as
     a missing file, a folder where a file was expected, a denied permission or a full disk."""
