@@ -81,6 +81,9 @@ def compute_features(args, device):
         model = build_vit(args.arch or "vit_small", args.patch_size or 16)
     else:
         model = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
+    if args.image_size % model.patch_embed.patch_size:
+        raise FlagError(f"--image_size {args.image_size} must be a multiple of the patch size "
+                        f"{model.patch_embed.patch_size}")
     train_set, val_set = build_datasets(args.data_path, args.val_path, args.val_split,
                                         args.image_size, args.seed, args.leave_one_out)
     queries = (f"leave-one-out on {len(train_set)}" if val_set is None

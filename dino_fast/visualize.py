@@ -7,7 +7,8 @@ mass, written as PNG files (see :mod:`dino_fast.attention_maps`). Without ``--ch
 ViT has random weights, for demos. The official flags carry over (``--pretrained_weights``,
 ``--checkpoint_key``, ``--arch`` with ``deit_*`` as ``vit_*``, ``--patch_size``, ``--image_path``,
 ``--image_size``, ``--output_dir``, ``--threshold``); the arch and patch size default to the
-checkpoint's, and masks are written unless ``--threshold`` is left at 0.6.
+checkpoint's, and masks are always written (``--threshold`` 0.6 by default, where the official
+default writes none).
 """
 import argparse
 

@@ -57,10 +57,7 @@ def main(argv=None) -> int:
                                           patch_size=args.patch_size, arch=args.arch)
     except ValueError as err:
         raise UserError(str(err)) from err
-    try:
-        paths = find_images(args.images)
-    except FileNotFoundError as err:  # a folder without images
-        raise UserError(str(err)) from err
+    paths = find_images(args.images)  # a folder without images is a user error
     image_size = predictor.image_size or args.image_size
     used, written, skipped = set(), 0, []
     for path in tqdm(paths, desc="attention maps", unit="img", disable=len(paths) < 2):

@@ -70,6 +70,7 @@ EVAL_KNN_CASES = [
     (["--pretrained_weights", ""], "--pretrained_weights"),
     (["--val_path", ""], "--val_path"),
     (["--dump_features", ""], "--dump_features"),
+    (["--arch", "vit_tiny", "--image_size", "40"], "--image_size"),  # not a multiple of 16
 ]
 
 
