@@ -106,6 +106,9 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     if args.load_features:
         features = load_features(args.load_features, args.leave_one_out).to(device)
+        print(f"k-NN on the features in {args.load_features}: {len(features.train)} train / "
+              f"{'leave-one-out' if features.val is None else len(features.val)} val, "
+              f"{features.num_classes} classes", flush=True)
     else:
         features = compute_features(args, device)
     if not args.use_cuda:
