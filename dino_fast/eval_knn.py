@@ -27,7 +27,8 @@ import torch
 from dino_fast.cli import add_model_args, bool_flag, load_model
 from dino_fast.errors import FlagError, UserError, add_debug_flag, command
 from dino_fast.flags import EVAL_KNN, EVAL_KNN_PATHS, validate_args
-from dino_fast.knn import build_datasets, dataset_features, knn_scores, load_features, save_features
+from dino_fast.knn import (build_datasets, dataset_features, knn_scores, load_features,
+                           save_features)
 from dino_fast.models import build_vit
 
 
