@@ -19,6 +19,8 @@ import argparse
 import os
 
 from dino_fast.cli import add_model_args, load_model
+from dino_fast.errors import FlagError, add_debug_flag, command
+from dino_fast.flags import EXPORT, EXPORT_PATHS, validate_args
 from dino_fast.models import checkpoint_epoch, detect_arch
 from dino_fast.models.pretrained import SAFETENSORS_SUFFIX
 
@@ -46,7 +48,9 @@ def parse_args(argv=None):
                       help="save ONNX Runtime's optimised graph (fusions, constant folding)")
     parser.add_argument("--no_check", action="store_true",
                         help="do not load the export back to compare it with PyTorch")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    validate_args(args, EXPORT, EXPORT_PATHS, parser)
     given = [f"--{name}" for name in ONNX_ONLY if getattr(args, name) not in (None, False)]
     if args.format != "onnx" and given:
         parser.error(f"{', '.join(given)}: for --format onnx only, not {args.format}")
@@ -83,11 +87,16 @@ def write(args, vit, arch: str, epoch: int | None):
     return f"timm {timm_model(vit, arch)[0]} folder"
 
 
+@command
 def main(argv=None):
     """Command line entry point of ``python -m dino_fast.export``."""
     args = parse_args(argv)
     vit = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
     arch = args.arch or detect_arch(vit.state_dict())[0]
+    patch = vit.patch_embed.patch_size
+    if args.image_size and any(s % patch for s in args.image_size):
+        raise FlagError(f"--image_size {' '.join(map(str, args.image_size))} must be multiples "
+                        f"of the patch size {patch}")
     epoch = checkpoint_epoch(args.checkpoint) if args.checkpoint else None
     parent = args.output if args.format in ("hf", "timm") else os.path.dirname(args.output)
     os.makedirs(os.path.abspath(parent), exist_ok=True)
