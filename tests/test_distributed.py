@@ -52,6 +52,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_torch_distributed_launch_runs_training(tmp_path):
     # The deprecated launcher of older tutorials passes --local-rank=0 (hyphen) to the script.
     data = make_images(tmp_path / "images", 4)
