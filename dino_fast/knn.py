@@ -7,16 +7,14 @@ similarity, each votes for its class with weight ``exp(similarity / T)`` (T = 0.
 classes are ranked by their summed votes. Images are resized (bicubic) to
 ``image_size * 256 / 224``, center-cropped to ``image_size`` and normalised.
 """
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
-from tqdm import tqdm
 
 from dino_fast.data.augment import MEAN, STD
 from dino_fast.data.folder import ImageFolderDataset
+from dino_fast.progress import track
 
 
 def eval_transform(image_size: int = 224):
@@ -70,7 +68,7 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 128, num_worke
                                          pin_memory=torch.device(device).type == "cuda")
     model.eval().to(device)
     features, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, file=sys.stderr, dynamic_ncols=True):
+    for images, targets in track(loader, desc):
         out = model(images.to(device, non_blocking=True)).float()  # (B, D)
         features.append(F.normalize(out, dim=1, p=2))
         labels.append(targets.to(device))

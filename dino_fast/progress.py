@@ -1,8 +1,9 @@
-"""Training progress on stderr: a live bar on a terminal, plain lines everywhere else.
+"""Progress on stderr (training epochs, feature extraction): a live bar on a terminal, plain
+lines everywhere else.
 
 Logs, CI and Slurm capture stderr to a file, where a bar's carriage-return frames pile up into
 one unreadable line. There the progress is one line per ``interval`` seconds or per tenth of the
-epoch, whichever comes first, and one at the end of the epoch.
+work, whichever comes first, and one at the end.
 """
 import sys
 import time
@@ -16,14 +17,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02}m{seconds:02}s" if hours else f"{minutes}m{seconds:02}s"
 
 
-class EpochProgress:
-    """Progress of one epoch: ``update(**values)`` after each step, ``close()`` at the end.
+class Progress:
+    """Progress of ``total`` steps: ``update(**values)`` after each, ``close()`` at the end.
 
     ``stream``: where to write (stderr); a bar when it is a terminal, plain lines otherwise.
     ``enabled``: False on the processes that should stay quiet (ranks other than 0).
     """
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True,
+    def __init__(self, total: int, desc: str, initial: int = 0, enabled: bool = True,
                  stream=None, interval: float = 30.0):
         self.stream = stream or sys.stderr
         self.total, self.position, self.desc = total, initial, desc
@@ -53,8 +54,8 @@ class EpochProgress:
 
     def _write_line(self):
         percent = 100 * self.position // max(self.total, 1)
-        shown = ", ".join(f"{key} {value}" for key, value in self.values.items())
-        print(f"{self.desc}: step {self.position}/{self.total} ({percent}%), {shown}, "
+        shown = "".join(f"{key} {value}, " for key, value in self.values.items())
+        print(f"{self.desc}: step {self.position}/{self.total} ({percent}%), {shown}"
               f"{_duration(time.monotonic() - self.start)}", file=self.stream, flush=True)
         self.last_time, self.last_position = time.monotonic(), self.position
 
@@ -64,3 +65,14 @@ class EpochProgress:
             self.bar.close()
         elif self.enabled and self.position != self.last_position:
             self._write_line()
+
+
+def track(iterable, desc: str, total: int | None = None):
+    """Yield from ``iterable`` (of ``len`` ``total``, by default its own) with :class:`Progress`."""
+    progress = Progress(len(iterable) if total is None else total, desc)
+    try:
+        for item in iterable:
+            yield item
+            progress.update()
+    finally:
+        progress.close()

@@ -25,7 +25,7 @@ from dino_fast.engine import PRECISIONS, NonFiniteLossError, TrainStep
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
 from dino_fast.optim import build_optimizer, get_params_groups
-from dino_fast.progress import EpochProgress
+from dino_fast.progress import Progress
 from dino_fast.resume import check_output_dir, resume, start_position
 from dino_fast.schedules import cosine_scheduler
 from dino_fast.signals import StopRequest, StopTraining
@@ -263,8 +263,8 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
     of the next step."""
     totals = {"loss": 0.0, "lr": 0.0, "wd": 0.0}
     n_images, start, done = 0, time.perf_counter(), 0
-    progress = EpochProgress(iters_per_epoch, first, f"epoch {epoch}/{args.epochs}",
-                             enabled=dist_utils.is_main_process())
+    progress = Progress(iters_per_epoch, f"epoch {epoch}/{args.epochs}", initial=first,
+                        enabled=dist_utils.is_main_process())
     batches = iter(loader)  # the loader starts at step first
     while first + done < iters_per_epoch:
         try:

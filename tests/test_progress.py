@@ -2,7 +2,7 @@
 interval when stderr is a file or a pipe (logs, CI, Slurm)."""
 import io
 
-from dino_fast.progress import EpochProgress
+from dino_fast.progress import Progress, track
 
 
 class Terminal(io.StringIO):
@@ -11,8 +11,8 @@ class Terminal(io.StringIO):
 
 
 def run_epoch(stream, total=40, initial=0, interval=3600.0, enabled=True):
-    progress = EpochProgress(total, initial, "epoch 3/10", enabled=enabled, stream=stream,
-                             interval=interval)
+    progress = Progress(total, "epoch 3/10", initial=initial, enabled=enabled, stream=stream,
+                        interval=interval)
     for step in range(initial, total):
         progress.update(loss=f"{10 - step / 10:.4f}")
     progress.close()
@@ -37,3 +37,9 @@ def test_a_terminal_gets_a_live_bar_and_other_ranks_nothing():
     assert "\r" in run_epoch(Terminal())
     assert run_epoch(io.StringIO(), enabled=False) == ""
     assert run_epoch(Terminal(), enabled=False) == ""
+
+
+def test_track_yields_everything_with_plain_lines(capsys):
+    assert list(track(range(20), "features")) == list(range(20))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "features: step 2/20 (10%), 0m00s" and len(lines) == 10
