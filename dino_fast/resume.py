@@ -59,6 +59,12 @@ def _optimizer_kind(state: dict):
     return "sgd" if "momentum" in group else None
 
 
+def _same(name: str, saved, wanted) -> bool:
+    if name == "arch" and isinstance(saved, str):  # official checkpoints say deit_small
+        saved = saved.replace("deit_", "vit_", 1)
+    return saved == wanted
+
+
 def check_compatible(path: str, ckpt: dict, args):
     """Exit naming every structural flag on which ``args`` and the checkpoint disagree."""
     saved = saved_args(ckpt)
@@ -66,7 +72,8 @@ def check_compatible(path: str, ckpt: dict, args):
         saved = {**saved, "optimizer": _optimizer_kind(ckpt["optimizer"])}
     differ = [f"--{name} {saved[name]} (this run: {getattr(args, name)})"
               for name in STRUCTURAL_FLAGS
-              if name in saved and hasattr(args, name) and saved[name] != getattr(args, name)]
+              if name in saved and hasattr(args, name)
+              and not _same(name, saved[name], getattr(args, name))]
     if differ:
         raise SystemExit(f"cannot resume from {path}: it was trained with {', '.join(differ)}. "
                          "Use the checkpoint's values, or another --output_dir for a new run")

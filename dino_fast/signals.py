@@ -89,6 +89,18 @@ class StopRequest:
         finally:
             self._waiting = False
 
+    def until_stopped(self, iterable):
+        """Yield from ``iterable`` (a loader) until it ends or a wait for its next item is
+        abandoned (:class:`StopTraining`)."""
+        items = iter(iterable)
+        while True:
+            try:
+                with self.waiting_for_data():
+                    item = next(items)
+            except (StopIteration, StopTraining):
+                return
+            yield item
+
     def agreed(self, device) -> bool:
         """True when any process was asked to stop (all ranks then stop at the same step)."""
         return dist_utils.any_process(self.requested, device)

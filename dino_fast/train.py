@@ -28,7 +28,7 @@ from dino_fast.optim import build_optimizer, get_params_groups
 from dino_fast.progress import Progress
 from dino_fast.resume import check_output_dir, resume, start_position
 from dino_fast.schedules import cosine_scheduler
-from dino_fast.signals import StopRequest, StopTraining
+from dino_fast.signals import StopRequest
 
 
 def bool_flag(value: str) -> bool:
@@ -265,14 +265,11 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
     n_images, start, done = 0, time.perf_counter(), 0
     progress = Progress(iters_per_epoch, f"epoch {epoch}/{args.epochs}", initial=first,
                         enabled=dist_utils.is_main_process())
-    batches = iter(loader)  # the loader starts at step first
-    while first + done < iters_per_epoch:
-        try:
-            with stop.waiting_for_data():  # a signal ends a wait that may never end
-                crops, _ = next(batches)
-        except (StopIteration, StopTraining):
+    # the loader starts at step first; a stop signal ends a wait for data that may never end
+    for i, (crops, _) in enumerate(stop.until_stopped(loader), start=first):
+        if i >= iters_per_epoch:
             break
-        it = epoch * iters_per_epoch + first + done  # global iteration
+        it = epoch * iters_per_epoch + i  # global iteration
         # Random draws (drop-path) depend on (seed, step, rank) only: exact mid-epoch resumes.
         seed_everything(epoch_seed(args.seed, it, dist_utils.get_rank()))
         loss = step(crops, epoch, float(lr_schedule[it]), float(wd_schedule[it]),
