@@ -33,7 +33,7 @@ class Progress:
         self.start = self.last_time = time.monotonic()
         self.last_position = initial
         self.bar = None
-        if enabled and self.stream.isatty():
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                             file=self.stream)
 
