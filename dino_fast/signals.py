@@ -10,12 +10,17 @@ A wait for the next batch can last forever (a read that never returns data: a FI
 network file system). When no batch arrives within :data:`WAIT_GRACE_S` seconds of the first
 signal, the wait is abandoned (:class:`StopTraining`) instead of waiting for a step that never
 comes. No state changes while waiting for data, so the checkpoint then holds every finished step.
+A wait inside native code that Python cannot interrupt (DALI's reader stuck on such a file) is
+noticed by a watcher thread instead, which ends the process after twice that time, saying that
+the last checkpoint written is the one to resume from.
 """
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
+import time
 
 from dino_fast import distributed as dist_utils
 
@@ -41,18 +46,24 @@ class StopRequest:
         self.requested = False
         self.interrupt_waits = interrupt_waits
         self._waiting = False
+        self._wait_id = 0  # counts the waits for data, so the watcher sees one that never ends
         self._previous = {}
+        self._wakeup = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
             self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
             if self.interrupt_waits and hasattr(signal, "setitimer"):
                 self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._wait_over)
+                self._start_watcher()
         return self
 
     def __exit__(self, *exc_info):
         if signal.SIGALRM in self._previous:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._wakeup[1])
+            os.close(self._wakeup[0])  # the watcher sees the end of its pipe and returns
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -81,6 +92,7 @@ class StopRequest:
     def waiting_for_data(self):
         """Around the wait for the next batch: when ``interrupt_waits``, it ends with
         :class:`StopTraining` if it lasts :data:`WAIT_GRACE_S` seconds past a stop signal."""
+        self._wait_id += 1
         self._waiting = self.interrupt_waits
         if self._waiting and self.requested:
             self._start_grace()
@@ -100,6 +112,44 @@ class StopRequest:
             except (StopIteration, StopTraining):
                 return
             yield item
+
+    def _start_watcher(self):
+        """Python's C-level handler writes each signal's number to a wakeup pipe even while the
+        main thread is stuck in native code; a thread reads it."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        self._wakeup = (write_end, signal.set_wakeup_fd(write_end, warn_on_full_buffer=False))
+        threading.Thread(target=self._watch, args=(read_end,), daemon=True,
+                         name="dino_fast-stop-watcher").start()
+
+    def _watch(self, read_end: int):
+        deadline, wait_id, signum = None, None, None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if select.select([read_end], [], [], timeout)[0]:
+                data = os.read(read_end, 64)
+                if not data:
+                    os.close(read_end)
+                    return
+                stops = [number for number in data if number in STOP_SIGNALS]
+                if not stops:
+                    continue  # SIGALRM, SIGCHLD, ...
+                if deadline is not None or len(stops) > 1:  # a second signal: at once
+                    self._abandon_stuck_wait(wait_id, stops[-1])
+                deadline = time.monotonic() + 2 * WAIT_GRACE_S
+                wait_id, signum = self._wait_id, stops[-1]
+            else:
+                self._abandon_stuck_wait(wait_id, signum)
+                deadline = None
+
+    def _abandon_stuck_wait(self, wait_id: int, signum: int):
+        """End the process if the main thread is still in the wait for data ``wait_id``."""
+        if self._waiting and self._wait_id == wait_id:
+            print(f"no batch arrived within {2 * WAIT_GRACE_S:g} s of the stop signal and the "
+                  "loader cannot be interrupted (a read that never returns?): exiting without "
+                  "a new checkpoint; the last one written is intact, resume from it",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
 
     def agreed(self, device) -> bool:
         """True when any process was asked to stop (all ranks then stop at the same step)."""

@@ -209,3 +209,33 @@ def test_blocked_read_does_not_make_training_deaf(tmp_path, workers):
     assert "stopped by a signal after step 0 of epoch 0" in stdout
     ckpt = load(out / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 0)
+
+
+# The read blocks inside native code that never returns to Python, as DALI's reader does on such
+# a file: only the watcher thread can notice, and it ends the process.
+NATIVE_BLOCKING_RUN = """
+import sys
+import torch
+from dino_fast import signals
+from dino_fast.data.folder import ImageFolderDataset
+from dino_fast.train import main
+
+ImageFolderDataset.load = lambda self, index: torch.futures.Future().wait()
+signals.WAIT_GRACE_S = 1.0
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_read_blocked_in_native_code_still_ends_on_sigterm(tmp_path):
+    data = make_images(tmp_path / "images", 8)
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 1,
+                        "--output_dir", tmp_path / "out")
+    cmd[1:3] = ["-c", NATIVE_BLOCKING_RUN]
+    proc = start_in_own_group(cmd, tmp_path / "run.log")
+    wait_for_line(proc, "training vit_tiny")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "the loader cannot be interrupted" in (tmp_path / "run.log").read_text()
