@@ -6,17 +6,30 @@
 when a signal stopped training mid-epoch, official code then restarts that epoch). A write
 goes to ``<path>.tmp`` in the same folder, is flushed to disk, then renamed over the target, so
 a crash never leaves a torn checkpoint behind (at most a torn ``<path>.tmp``, which the next write
-overwrites; a single writer per path is assumed, as only rank 0 writes).
+overwrites; a single writer per path is assumed, as only rank 0 writes). ``args`` is stored as a
+plain dict, so a plain ``torch.load`` (``weights_only=True``, PyTorch >= 2.6) reads our
+checkpoints; older ones holding an ``argparse.Namespace`` still load here.
+
+What is read is verified first: torch writes checkpoints as zip archives with a CRC-32 per
+member, and a member whose bytes no longer match its CRC (a flipped block on disk, a bad copy)
+is refused, naming the file, instead of being trained on and saved into the next checkpoint.
 """
 import argparse
 import os
+import zipfile
 
 import numpy as np
 import torch
 
 
+class WriteError(OSError):
+    """A checkpoint or log file could not be written (``errno``, ``strerror`` and ``filename``
+    say why and which); whatever was written there before is intact."""
+
+
 def save_atomic(obj, path: str):
-    """``torch.save`` to ``path`` via ``<path>.tmp`` and an atomic rename."""
+    """``torch.save`` to ``path`` via ``<path>.tmp`` and an atomic rename; a failure to write
+    (a full disk) raises :class:`WriteError` naming ``path`` and leaves ``path`` as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
@@ -27,10 +40,23 @@ def save_atomic(obj, path: str):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_folder(folder)  # make the rename itself durable
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        cause = os_error_in(err)
+        if cause is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(cause.errno, cause.strerror, path) from err
+
+
+def os_error_in(err: BaseException):
+    """The ``OSError`` that caused ``err`` (itself, or one in its chain), or None. torch.save
+    reports a failed write as an internal ``RuntimeError`` raised while handling the real one."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _fsync_folder(folder: str):
@@ -52,9 +78,29 @@ def _numpy_scalar_globals() -> list:
     return [core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
 
 
+def verify_archive(path: str):
+    """Check the CRC-32 of every member of the zip archive ``path`` (torch's format since 1.6);
+    raise ``RuntimeError`` naming the file and the first damaged member. Files in torch's legacy
+    format, and members written without a checksum, are not checked."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy format, or truncated (torch.load then fails with its own message)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:  # torch's compute_crc32 was off
+                    continue
+                with archive.open(info) as member:  # the CRC is checked at the member's end
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise RuntimeError(f"checkpoint {path} is damaged: {err}") from err
+
+
 def load_file(path: str):
-    """``torch.load`` on the CPU that runs no pickled code: tensors, plain containers and numbers,
-    NumPy scalars and the ``argparse.Namespace`` of the saved ``args``."""
+    """``torch.load`` on the CPU, after :func:`verify_archive`, that runs no pickled code:
+    tensors, plain containers and numbers, NumPy scalars and the ``argparse.Namespace`` of the
+    ``args`` of older checkpoints."""
+    verify_archive(path)
     torch.serialization.add_safe_globals([argparse.Namespace, *_numpy_scalar_globals()])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -71,3 +117,12 @@ def load_checkpoint(path: str) -> dict:
     if missing:
         raise RuntimeError(f"{path} is not a DINO training checkpoint (missing {missing})")
     return ckpt
+
+
+def saved_args(ckpt: dict) -> dict:
+    """The training flags stored in ``ckpt['args']`` as a dict (``{}`` when absent); old
+    checkpoints and official ones hold an ``argparse.Namespace``."""
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}

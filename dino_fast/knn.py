@@ -8,18 +8,17 @@ classes are ranked by their summed votes. Images are resized (bicubic) to
 ``image_size * 256 / 224``, center-cropped to ``image_size`` and normalised.
 """
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
-from tqdm import tqdm
 
 from dino_fast.data.augment import MEAN, STD
 from dino_fast.data.folder import ImageFolderDataset
 from dino_fast.errors import UserError
+from dino_fast.progress import track
 
 # Official eval_knn.py's --dump_features / --load_features files (test = val).
 FEATURE_FILES = {"train": "trainfeat.pth", "train_labels": "trainlabels.pth",
@@ -81,7 +80,7 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 128, num_worke
                                          pin_memory=torch.device(device).type == "cuda")
     model.eval().to(device)
     features, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, file=sys.stderr, dynamic_ncols=True):
+    for images, targets in track(loader, desc):
         out = model(images.to(device, non_blocking=True)).float()  # (B, D)
         features.append(F.normalize(out, dim=1, p=2))
         labels.append(targets.to(device))

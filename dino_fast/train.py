@@ -9,18 +9,15 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from dino_fast import distributed as dist_utils
-from dino_fast.checkpoint import load_checkpoint, save_atomic
+from dino_fast.checkpoint import WriteError, save_atomic
 from dino_fast.cli import bool_flag, official_arch
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
@@ -30,9 +27,11 @@ from dino_fast.errors import add_debug_flag, command
 from dino_fast.flags import check_train_args
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
-from dino_fast.models.pretrained import normalize_keys
 from dino_fast.optim import build_optimizer, get_params_groups
+from dino_fast.progress import Progress
+from dino_fast.resume import check_output_dir, resume, start_position
 from dino_fast.schedules import cosine_scheduler
+from dino_fast.signals import StopRequest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_workers", default=10, type=int, help="capped at the CPU count")
     p.add_argument("--dist_url", default="env://", type=str, help="accepted for compatibility")
-    p.add_argument("--local_rank", default=0, type=int, help="accepted for compatibility")
+    p.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                   help="accepted for compatibility (torch.distributed.launch passes it)")
     # dino_fast
     p.add_argument("--compile", action="store_true", help="torch.compile the forward and loss")
     p.add_argument("--attn_backend", default="sdpa", choices=ATTN_BACKENDS)
@@ -151,24 +151,6 @@ def checkpoint_on_every_rank(path, device) -> bool:
     return exists
 
 
-def resume(path, student, teacher, optimizer, dino_loss, scaler) -> tuple[int, int]:
-    """Restore the training state from ``path``; return the epoch and the step in it to start
-    from (the step is non-zero after a signal stopped training mid-epoch)."""
-    ckpt = load_checkpoint(path)
-    try:
-        student.load_state_dict(normalize_keys(ckpt["student"]))
-        teacher.load_state_dict(normalize_keys(ckpt["teacher"]))
-        if "dino_loss" in ckpt:
-            dino_loss.load_state_dict(ckpt["dino_loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise SystemExit(f"{path} does not match this run's model/optimizer (different --arch, "
-                         f"--out_dim, --patch_size or --optimizer?): {err}") from err
-    if scaler is not None and "fp16_scaler" in ckpt:
-        scaler.load_state_dict(ckpt["fp16_scaler"])
-    return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
-
-
 def train(args) -> dict:
     """Train as ``args`` say; return the last epoch's log entry."""
     check_train_args(args)  # every flag in range before anything starts
@@ -177,7 +159,7 @@ def train(args) -> dict:
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     seed_everything(args.seed)  # the same initial weights on every rank
     if dist_utils.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+        check_output_dir(args.output_dir)  # created once training starts
 
     loader = build_loader(
         kind=args.loader, data_path=args.data_path, batch_size=args.batch_size_per_gpu,
@@ -214,11 +196,18 @@ def train(args) -> dict:
     start_epoch, start_step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     if checkpoint_on_every_rank(ckpt_path, device):
-        start_epoch, start_step = resume(ckpt_path, student_module, teacher, optimizer,
-                                         dino_loss, step.scaler)
+        start_epoch, start_step = start_position(
+            *resume(ckpt_path, args, student_module, teacher, optimizer, dino_loss, step.scaler),
+            iters_per_epoch)
+        if start_epoch >= args.epochs:
+            log(f"training has finished: {ckpt_path} holds all {args.epochs} epochs (raise "
+                "--epochs to train longer)")
+            return {}
         log(f"resuming from {ckpt_path} at epoch {start_epoch}, step {start_step}")
+    if dist_utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
     stats = {}
-    with StopRequest() as stop:
+    with StopRequest(interrupt_waits=world == 1) as stop:
         log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "
             f"{loader.kind}, {len(loader.dataset)} images, {world} process(es)) for epochs "
             f"{start_epoch}..{args.epochs - 1}, {iters_per_epoch} steps each")
@@ -231,7 +220,7 @@ def train(args) -> dict:
             finished = done >= iters_per_epoch
             save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
                          "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1 if finished else epoch, "args": args,
+                         "epoch": epoch + 1 if finished else epoch, "args": dict(vars(args)),
                          "dino_loss": dino_loss.state_dict(), "iteration": 0 if finished else done}
             if step.scaler is not None:
                 save_dict["fp16_scaler"] = step.scaler.state_dict()
@@ -246,15 +235,20 @@ def train(args) -> dict:
 
 def save_and_log(save_dict, stats, epoch, finished, args) -> dict:
     """Write ``checkpoint.pth``; after a whole epoch also the periodic copy and the ``log.txt``
-    line, which is returned."""
-    save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-    if not finished:
-        return stats
-    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-        save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
-    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(stats) + "\n")
+    line, which is returned (written even when a checkpoint write fails, e.g. on a full disk)."""
+    try:
+        save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+        if finished and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+    finally:
+        if finished:
+            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+            log_path = os.path.join(args.output_dir, "log.txt")
+            try:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+            except OSError as err:
+                raise WriteError(err.errno, err.strerror, log_path) from err
     return stats
 
 
@@ -265,9 +259,10 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
     of the next step."""
     totals = {"loss": 0.0, "lr": 0.0, "wd": 0.0}
     n_images, start, done = 0, time.perf_counter(), 0
-    bar = tqdm(total=iters_per_epoch, initial=first, desc=f"epoch {epoch}/{args.epochs}",
-               dynamic_ncols=True, disable=not dist_utils.is_main_process(), file=sys.stderr)
-    for i, (crops, _) in enumerate(loader, start=first):  # the loader starts at step first
+    progress = Progress(iters_per_epoch, f"epoch {epoch}/{args.epochs}", initial=first,
+                        enabled=dist_utils.is_main_process())
+    # the loader starts at step first; a stop signal ends a wait for data that may never end
+    for i, (crops, _) in enumerate(stop.until_stopped(loader), start=first):
         if i >= iters_per_epoch:
             break
         it = epoch * iters_per_epoch + i  # global iteration
@@ -279,44 +274,12 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
             totals[key] += float(value)
         done += 1
         n_images += crops[0].shape[0] * dist_utils.get_world_size()
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_schedule[it]:.2e}",
+        progress.update(loss=f"{loss:.4f}", lr=f"{lr_schedule[it]:.2e}",
                         img_s=f"{n_images / (time.perf_counter() - start):.1f}")
-        bar.update()
         if stop.agreed(crops[0].device):
             break
-    bar.close()
+    progress.close()
     return {key: value / max(done, 1) for key, value in totals.items()}, first + done
-
-
-class StopRequest:
-    """While active, SIGTERM and SIGINT only raise a flag, so that training finishes the current
-    step, writes a checkpoint and exits cleanly; a second signal stops at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise SystemExit(128 + signum)
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing the current step, then "
-              "writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def agreed(self, device) -> bool:
-        """True when any process was asked to stop (all ranks then stop at the same step)."""
-        return dist_utils.any_process(self.requested, device)
 
 
 def log(message: str):
@@ -336,6 +299,10 @@ def main(argv=None):
     except NonFiniteLossError as err:
         all_ranks_done = True  # the loss is averaged over ranks: all stop at the same step
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except WriteError as err:  # only rank 0 writes
+        print(f"error: cannot write {err.filename} (the file there before, if any, is "
+              f"intact): {err.strerror}", file=sys.stderr)
         sys.exit(1)
     finally:
         dist_utils.cleanup(all_ranks_done)

@@ -50,3 +50,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert all(k.startswith("module.") for k in raw["student"])
     assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint.pth", "log.txt"]
 
+
+
+@pytest.mark.slow
+def test_torch_distributed_launch_runs_training(tmp_path):
+    # The deprecated launcher of older tutorials passes --local-rank=0 (hyphen) to the script.
+    data = make_images(tmp_path / "images", 4)
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "dino_fast.train", *TINY_RUN, "--data_path", data, "--batch_size_per_gpu", "4",
+           "--max_steps", "1", "--output_dir", tmp_path / "out", *FLAGS]
+    launched = run([str(c) for c in cmd], timeout=150)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert load(tmp_path / "out" / "checkpoint.pth")["epoch"] == 1

@@ -119,3 +119,123 @@ def test_non_finite_loss_stops_with_a_report_and_keeps_the_checkpoint(tmp_path, 
                for v in ckpt[part].values())
     assert len((out / "log.txt").read_text().splitlines()) == 1
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.txt"]
+
+
+def start_in_own_group(cmd, log_path):
+    """``start`` in a new session, so that a group signal reaches the run and not pytest."""
+    return subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
+                            stderr=open(log_path, "w"), text=True, start_new_session=True)
+
+
+def with_flag(cmd, flag, value):
+    """``cmd`` with ``flag`` set to ``value`` (the later of two equal flags wins)."""
+    return [*cmd, flag, str(value)]
+
+
+@pytest.mark.parametrize("loader,sig", [("torch", signal.SIGTERM),
+                                        pytest.param("dali", signal.SIGINT, marks=pytest.mark.slow)])
+def test_group_signal_finishes_the_step_and_checkpoints(tmp_path, loader, sig):
+    # As `timeout`, systemd or Slurm stop a job: the signal reaches the loader workers too.
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    data = make_images(tmp_path / "images", 16)
+    out = tmp_path / "out"
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 2,
+                        "--num_workers", 2, "--loader", loader, "--output_dir", out)
+    proc = start_in_own_group(cmd, tmp_path / "run.log")
+    wait_for_line(proc, "training vit_tiny")
+    time.sleep(1.0)
+    os.killpg(proc.pid, sig)
+    stdout, _ = proc.communicate(timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 0, log[-2000:]
+    assert "stopped by a signal" in stdout and "killed by signal" not in log
+    ckpt = load(out / "checkpoint.pth")
+    assert f"after step {ckpt['iteration']} of epoch {ckpt['epoch']}" in stdout
+
+
+@pytest.mark.slow
+def test_second_group_signal_exits_at_once(tmp_path):
+    data = make_images(tmp_path / "images", 16)
+    out = tmp_path / "out"
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 2,
+                        "--num_workers", 2, "--output_dir", out)
+    proc = start_in_own_group(cmd, tmp_path / "run.log")
+    wait_for_line(proc, "training vit_tiny")
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "run.log").read_text()[-2000:]
+    assert "stopped by a signal" not in stdout
+    assert not (out / "checkpoint.pth.tmp").exists()
+
+
+# Every image read blocks, as a FIFO that never delivers data would (patched in, so that the
+# test does not depend on which files the folder scan accepts).
+BLOCKING_RUN = """
+import sys
+from dino_fast import signals
+from dino_fast.data.folder import ImageFolderDataset
+from dino_fast.train import main
+
+def never_delivers(self, index):
+    with open({fifo!r}, "rb") as fifo:  # no writer: open() blocks forever
+        fifo.read()
+
+ImageFolderDataset.load = never_delivers
+signals.WAIT_GRACE_S = 1.0
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("workers", [2, pytest.param(0, marks=pytest.mark.slow)])
+def test_blocked_read_does_not_make_training_deaf(tmp_path, workers):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    data = make_images(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 1,
+                        "--num_workers", workers, "--output_dir", out)
+    cmd[1:3] = ["-c", BLOCKING_RUN.format(fifo=str(fifo))]  # instead of -m dino_fast.train
+    proc = start_in_own_group(cmd, tmp_path / "run.log")
+    wait_for_line(proc, "training vit_tiny")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 0, log[-2000:]
+    assert "no batch arrived" in log
+    assert "stopped by a signal after step 0 of epoch 0" in stdout
+    ckpt = load(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 0)
+
+
+# The read blocks inside native code that never returns to Python, as DALI's reader does on such
+# a file: only the watcher thread can notice, and it ends the process.
+NATIVE_BLOCKING_RUN = """
+import sys
+import torch
+from dino_fast import signals
+from dino_fast.data.folder import ImageFolderDataset
+from dino_fast.train import main
+
+ImageFolderDataset.load = lambda self, index: torch.futures.Future().wait()
+signals.WAIT_GRACE_S = 1.0
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_read_blocked_in_native_code_still_ends_on_sigterm(tmp_path):
+    data = make_images(tmp_path / "images", 8)
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 1,
+                        "--output_dir", tmp_path / "out")
+    cmd[1:3] = ["-c", NATIVE_BLOCKING_RUN]
+    proc = start_in_own_group(cmd, tmp_path / "run.log")
+    wait_for_line(proc, "training vit_tiny")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "the loader cannot be interrupted" in (tmp_path / "run.log").read_text()

@@ -65,5 +65,5 @@ def test_resume_equals_uninterrupted(two_epochs, tmp_path, capsys):
 def test_resume_with_another_arch_is_a_clear_error(two_epochs, tmp_path):
     out, _ = two_epochs
     shutil.copy(out / "checkpoint.pth", tmp_path / "checkpoint.pth")
-    with pytest.raises(SystemExit, match="does not match"):
+    with pytest.raises(SystemExit, match=r"trained with --out_dim 256 \(this run: 128\)"):
         run(tmp_path, "--epochs", "3", "--out_dim", "128")

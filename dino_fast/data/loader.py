@@ -11,10 +11,10 @@ each epoch: the order and the crops are a function of ``(seed, epoch)`` only.
 ``set_epoch(e, first_step)`` starts the epoch at that step (a mid-epoch resume) with the very
 batches an uninterrupted epoch yields there; the torch loader does not decode the skipped ones.
 """
-import signal
-
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from dino_fast.signals import leave_signals_to_main
 
 from .augment import DataAugmentationDINO
 from .folder import ImageFolderDataset, bundled_data_path
@@ -64,7 +64,7 @@ class TorchLoader:
         self._loader = DataLoader(
             _SeededViews(dataset, augment), batch_sampler=self._batches, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            worker_init_fn=_ignore_interrupt)
+            worker_init_fn=leave_signals_to_main)
 
     def __len__(self) -> int:
         return self._batches.plan.steps
@@ -78,13 +78,6 @@ class TorchLoader:
         for crops, labels in self._loader:
             yield ([c.to(self.device, non_blocking=True).to(self.dtype) for c in crops],
                    labels.to(self.device, non_blocking=True))
-
-
-def _ignore_interrupt(worker_id: int):
-    """Leave Ctrl-C to the main process, which finishes its step and checkpoints: a terminal's
-    SIGINT reaches the whole process group, and a dead worker would end training mid-step.
-    (SIGTERM stays: the DataLoader stops stuck workers with it.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def resolve_kind(kind: str, device: torch.device) -> str:
