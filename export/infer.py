@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dino_fast.attention_maps import find_images, load_image, save_attention_maps
 from dino_fast.data import BadImageError
-from dino_fast.export.predictor import AttentionMapPredictor
+from dino_fast.export.predictor import AttentionMapPredictor, attention_placement_note
 from dino_fast.cli import add_map_args, check_map_args
 
 
@@ -53,6 +53,10 @@ def main(argv=None) -> int:
                                           patch_size=args.patch_size, arch=args.arch)
     except ValueError as err:
         raise SystemExit(str(err)) from err
+    print(f"running on {predictor.describe()}")
+    note = attention_placement_note(args.model, predictor.provider)
+    if note:
+        print(note, file=sys.stderr)
     try:
         paths = find_images(args.images)
     except FileNotFoundError as err:  # a folder without images
