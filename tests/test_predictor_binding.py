@@ -11,8 +11,8 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
-from dino_fast.export import predictor as predictor_module  # noqa: E402
-from dino_fast.export.predictor import AttentionMapPredictor, attention_placement_note  # noqa: E402
+from dino_fast.export import predictor as predictor_module
+from dino_fast.export.predictor import AttentionMapPredictor, attention_placement_note
 
 METADATA = {"dino_fast.patch_size": "16", "dino_fast.num_heads": "3", "dino_fast.arch": "vit_tiny",
             "dino_fast.image_size": "dynamic", "dino_fast.precision": "fp32"}
