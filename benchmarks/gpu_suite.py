@@ -54,6 +54,7 @@ import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import environment, format_table
 from benchmarks.suite_runner import ROOT, Job, Recorder, read_rows, run_job
@@ -174,8 +175,13 @@ def stage_correctness(suite: Suite):
     tests = Job("kernel-tests", "pytest", ["-q", "-p", "no:cacheprovider", "-rf",
                                             f"--junitxml={junit}", *selection], 105,
                 env={**suite.triton_env, "DINO_FAST_AUTOTUNE": "off"})
-    result = suite.run("correctness", tests, in_process=False)  # pytest cannot nest in-process
-    suite.add_rows("correctness", result, [junit_summary(junit)])
+    # pytest cannot nest in-process: a subprocess, which in the dry run runs beside the in-process
+    # training runs below (a second core); on a GPU the commands run one at a time
+    background = ThreadPoolExecutor(1) if suite.dry else None
+    pending = background.submit(suite.run, "correctness", tests, False) if background else None
+    if pending is None:
+        suite.add_rows("correctness", suite.run("correctness", tests, False),
+                       [junit_summary(junit)])
     runs = {"reference": (["--attn_backend", "eager", "--precision", "fp32"],
                           {"DINO_FAST_BACKEND": "reference"})}
     if suite.dry:
@@ -199,6 +205,9 @@ def stage_correctness(suite: Suite):
                 rows = [{"check": f"2 training steps: {name} vs reference",
                          "verdict": f"no comparison ({type(error).__name__}: {error})"}]
         suite.add_rows("correctness", result, rows)
+    if pending is not None:
+        suite.add_rows("correctness", pending.result(), [junit_summary(junit)])
+        background.shutdown()
 
 
 # --- 3. ops ----------------------------------------------------------------------------------

@@ -189,9 +189,14 @@ def parse_tables(text: str) -> list[dict]:
 
 
 def read_rows(json_path: str, output: str) -> list[dict]:
-    """A runner's rows: from its ``--json`` file when it wrote one, else from its printed table."""
-    if os.path.exists(json_path):
+    """A runner's rows: from its ``--json`` file when it wrote one (a list of rows, or an object
+    with ``rows``), else from the tables it printed."""
+    try:
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
-        return data["rows"] if isinstance(data, dict) else data
+    except (OSError, ValueError):
+        return parse_tables(output)
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
+        return rows
     return parse_tables(output)

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.common import format_table
 from benchmarks.gpu_suite import main as suite_main
-from benchmarks.suite_runner import Job, parse_tables, run_job
+from benchmarks.suite_runner import Job, parse_tables, read_rows, run_job
 from benchmarks.train_parity import compare_runs, images_per_second
 
 
@@ -20,7 +20,8 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     stages = result["stages"]
     assert set(stages) == {"correctness", "ops", "training", "inference"}
     checks = stages["correctness"]
-    assert checks[0]["passed"] > 0 and checks[0]["failed"] == 0
+    tests = next(row for row in checks if row["check"] == "kernel tests")
+    assert tests["passed"] > 0 and tests["failed"] == 0
     assert [row["verdict"] for row in checks] == ["pass"] * len(checks) and len(checks) == 2
     ops = {(row["op"].split()[0], row["provider"]) for row in stages["ops"]}
     assert {("attention", "sdpa"), ("attention_varlen", "sdpa per crop size"),
@@ -54,11 +55,20 @@ def test_failing_and_hanging_commands_are_reported_not_raised(tmp_path, monkeypa
     assert crash.status.startswith("failed") and sys.argv[0] != "json.tool"
 
 
-def test_printed_tables_read_back():
+def test_printed_tables_and_json_read_back(tmp_path):
     rows = [{"config": "fast", "images/s": 12.5, "MFU %": None}, {"config": "official"}]
     text = "noise\n" + format_table(rows, ["config", "images/s", "MFU %"], "t") + "\nmore"
-    assert parse_tables(text) == [{"config": "fast", "images/s": 12.5, "MFU %": None},
-                                  {"config": "official", "images/s": None, "MFU %": None}]
+    parsed = [{"config": "fast", "images/s": 12.5, "MFU %": None},
+              {"config": "official", "images/s": None, "MFU %": None}]
+    assert parse_tables(text) == parsed
+    path = tmp_path / "rows.json"
+    assert read_rows(str(path), text) == parsed  # no JSON written: the printed table
+    path.write_text(json.dumps({"rows": rows[:1]}))
+    assert read_rows(str(path), text) == rows[:1]
+    path.write_text(json.dumps(rows))
+    assert read_rows(str(path), text) == rows
+    path.write_text(json.dumps({"something": "else"}))
+    assert read_rows(str(path), text) == parsed
     bar = "epoch 0/2: 1/1 [img_s=3.0]\repoch 1/2: 1/1 [loss=5, img_s=7.5]\n"
     assert images_per_second(bar, epoch=1) == 7.5 and images_per_second(bar, epoch=3) is None
 
