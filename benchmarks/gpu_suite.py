@@ -34,8 +34,8 @@ unused passes to the next): environment a few, outside the plan; correctness 165
 candidate per kernel and key, no autotuning, most of it, and near zero with a warm Triton cache;
 three 2-step training runs 20 each); ops 105 (attention 50, with the Triton autotuner's first
 pass; loss 35, most of it one inductor compile; EMA 20); training step 195 (the runner's
-``--help`` 5; batch 64 and 128, official and fast, 35 + 40; compile 45; packed crops 25 when the
-runner has it; corpus 15; torch loader 30; DALI and the compile-mode row take what earlier
+``--help`` 10; batch 64 and 128, official and fast, 35 + 40; compile 45; packed crops 25 when
+the runner has it; corpus 15; torch loader 25; DALI and the compile-mode row take what earlier
 commands left); inference 75
 (two ONNX exports of ViT-S/16 about 15 each). The kernel tests and benchmarks keep Triton's
 cache and autotuning results in ``DIR/triton-cache`` (``TRITON_CACHE_DIR``,
@@ -224,10 +224,15 @@ def stage_ops(suite: Suite):
 
 # --- 4. training step ------------------------------------------------------------------------
 
+# benchmarks/train_step.py's flags when this was written; newer ones are read from its --help
+STEP_FLAGS = {"--arch", "--patch_size", "--batch", "--local_crops", "--out_dim", "--repeats",
+              "--configs", "--output"}
+
+
 def runner_flags(suite: Suite, module: str) -> set[str]:
     """The flags ``module``'s command line accepts (from its ``--help``)."""
-    result = suite.run("training", Job(f"{module.split('.')[-1]}-help", module, ["--help"], 5))
-    return set(re.findall(r"--[a-z_-]+", result.output())) if result.ok else set()
+    result = suite.run("training", Job(f"{module.split('.')[-1]}-help", module, ["--help"], 10))
+    return set(re.findall(r"--[a-z_-]+", result.output())) if result.ok else STEP_FLAGS
 
 
 def step_jobs(suite: Suite, flags: set[str]) -> list[tuple[Job, str]]:
@@ -260,7 +265,7 @@ def step_jobs(suite: Suite, flags: set[str]) -> list[tuple[Job, str]]:
 def loader_runs(suite: Suite):
     """``dino_fast.train`` on a generated JPEG corpus with each loader installed here."""
     corpus = suite.folder("training", "corpus")
-    count = 8 if suite.dry else 448
+    count = 8 if suite.dry else 400  # 6 steps of 64 in an epoch
     made = suite.run("training", Job("corpus", "benchmarks.make_corpus",
                                      ["--count", count, "--out", corpus], 15))
     if not made.ok:
@@ -279,7 +284,7 @@ def loader_runs(suite: Suite):
         folder = suite.folder("training", f"loader-{loader}")
         job = Job(f"loader-{loader}", "dino_fast.train",
                   [*shape, "--data_path", corpus, "--loader", loader, "--epochs", "2",
-                   "--warmup_epochs", "0", "--saveckp_freq", "0", "--output_dir", folder], 30,
+                   "--warmup_epochs", "0", "--saveckp_freq", "0", "--output_dir", folder], 25,
                   env=suite.triton_env)
         result = suite.run("training", job)
         rows = [{"config": f"dino_fast.train, {loader} loader, JPEG corpus",
