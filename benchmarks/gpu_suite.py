@@ -3,6 +3,9 @@
     python -m benchmarks.gpu_suite --budget 540 --out DIR        # on a GPU machine
     python -m benchmarks.gpu_suite --dry-run --out DIR           # on a CPU: tiny shapes, seconds
 
+Where only a few files can leave the machine, add ``--results FOLDER``: the report (and its JSON)
+go there, and the report carries the last lines of every failed command's log.
+
 Stages, in order; every command runs as its own subprocess with a deadline, so a hang or crash
 is reported and the next command runs (logs in ``DIR/<stage>/<job>.log``, results appended to
 ``DIR/results.jsonl`` as they come); then one markdown report (and JSON) is written to
@@ -53,14 +56,21 @@ import os
 import re
 import subprocess
 import time
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import environment, format_table
-from benchmarks.suite_runner import ROOT, Job, Recorder, read_rows, run_job
+from benchmarks.suite_runner import (
+    ROOT,
+    Job,
+    Recorder,
+    junit_summary,
+    read_rows,
+    run_job,
+)
 from benchmarks.train_parity import compare_runs, images_per_second, run_flags
 
 PLANNED_SECONDS = 540
+FAILURE_LINES = 25  # of each failed command's log, in the report
 KERNEL_TESTS = ["tests/test_attention.py", "tests/test_dino_loss.py", "tests/test_ema.py",
                 "tests/test_packed.py"]
 
@@ -87,7 +97,8 @@ class Suite:
         result = run_job(job, limit, log, self.dry if in_process is None else in_process)
         self.carry = max(0.0, planned + self.carry - result.seconds)
         self.jobs.append({"stage": stage, "job": job.name, "status": result.status,
-                          "seconds": round(result.seconds, 1), "limit": round(limit)})
+                          "seconds": round(result.seconds, 1), "limit": round(limit),
+                          "log": log})
         return result
 
     def add_rows(self, stage: str, result, rows: list[dict]):
@@ -136,24 +147,6 @@ def suite_environment() -> dict:
 
 
 # --- 2. correctness --------------------------------------------------------------------------
-
-def junit_summary(path: str) -> dict:
-    """Counts (and the first failures) of a pytest ``--junitxml`` report."""
-    if not os.path.exists(path):
-        return {"check": "kernel tests", "verdict": "no report"}
-    cases = ET.parse(path).getroot().iter("testcase")
-    counts, failures = {"passed": 0, "failed": 0, "skipped": 0}, []
-    for case in cases:
-        outcome = next((child.tag for child in case if child.tag in
-                        ("failure", "error", "skipped")), "passed")
-        key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
-        counts[key] += 1
-        if key == "failed":
-            failures.append(f"{case.get('classname')}::{case.get('name')}")
-    verdict = "pass" if counts["passed"] and not counts["failed"] else "FAIL"
-    return {"check": "kernel tests", **counts, "verdict": verdict,
-            "first failures": ", ".join(failures[:5]) or None}
-
 
 def train_job(suite: Suite, name: str, folder: str, flags: list, seconds: float) -> Job:
     """``python -m dino_fast.train`` on the bundled photos for the parity check."""
@@ -345,6 +338,14 @@ def report(suite: Suite, env: dict, budget: float, elapsed: float) -> str:
     for stage, rows in suite.stages.items():
         if rows:
             parts.append(format_table(rows, columns(rows), stage))
+    failed = [job for job in suite.jobs if job["status"] not in ("ok", None) and "log" in job]
+    if failed:  # the report may be the only file that leaves the machine: carry the causes
+        parts.append("## Failures (last lines of each log)")
+        for job in failed:
+            with open(job["log"], encoding="utf-8", errors="replace") as f:
+                tail = f.read().splitlines()[-FAILURE_LINES:]
+            parts.append(f"### {job['stage']} / {job['job']}: {job['status']}\n\n```\n"
+                         + "\n".join(tail) + "\n```")
     return "\n\n".join(parts) + "\n"
 
 

@@ -5,7 +5,8 @@ subprocess killed at its deadline (with its whole process group), or, in the dry
 process (``runpy``, a ``SIGALRM`` deadline), its output captured in a log file either way. A
 crash, a non-zero exit or a timeout becomes the job's status; the caller goes on with the next.
 Results are appended to ``results.jsonl`` as they come (:class:`Recorder`), so a killed run keeps
-what it measured. Also here: reading the tables that the benchmark runners print.
+what it measured. Also here: reading the tables that the benchmark runners print, and
+pytest's JUnit reports.
 """
 import contextlib
 import json
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,3 +202,21 @@ def read_rows(json_path: str, output: str) -> list[dict]:
     if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
         return rows
     return parse_tables(output)
+
+
+def junit_summary(path: str) -> dict:
+    """Counts (and the first failures) of a pytest ``--junitxml`` report."""
+    if not os.path.exists(path):
+        return {"check": "kernel tests", "verdict": "no report"}
+    cases = ET.parse(path).getroot().iter("testcase")
+    counts, failures = {"passed": 0, "failed": 0, "skipped": 0}, []
+    for case in cases:
+        outcome = next((child.tag for child in case if child.tag in
+                        ("failure", "error", "skipped")), "passed")
+        key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
+        counts[key] += 1
+        if key == "failed":
+            failures.append(f"{case.get('classname')}::{case.get('name')}")
+    verdict = "pass" if counts["passed"] and not counts["failed"] else "FAIL"
+    return {"check": "kernel tests", **counts, "verdict": verdict,
+            "first failures": ", ".join(failures[:5]) or None}

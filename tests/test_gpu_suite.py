@@ -4,11 +4,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from benchmarks.common import format_table
 from benchmarks.gpu_suite import main as suite_main
+from benchmarks.gpu_suite import report
 from benchmarks.suite_runner import Job, parse_tables, read_rows, run_job
 from benchmarks.train_parity import compare_runs, images_per_second
 
@@ -53,6 +55,12 @@ def test_failing_and_hanging_commands_are_reported_not_raised(tmp_path, monkeypa
     crash = run_job(Job("crash", "json.tool", [str(tmp_path / "missing.json")], 1), 60,
                     str(tmp_path / "d.log"), False)
     assert crash.status.startswith("failed") and sys.argv[0] != "json.tool"
+    jobs = [{"stage": "ops", "job": r.name, "status": r.status, "seconds": r.seconds,
+             "log": r.log} for r in (bad, crash)]
+    text = report(SimpleNamespace(dry=True, out=str(tmp_path), jobs=jobs, stages={}),
+                  {"device": "cpu"}, 10, 5)
+    assert "### ops / bad: failed (exit 2)" in text and "unknown ops" in text  # the log's tail
+    assert "missing.json" in text
 
 
 def test_printed_tables_and_json_read_back(tmp_path):
