@@ -57,12 +57,15 @@ ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's
 # onnxruntime-gpu replaces onnxruntime (same module; install one). Its CUDA kernel for the
 # opset-23 Attention node came in 1.25: older builds run that node on the CPU (README).
 ONNX_GPU = ["onnx>=1.18", "onnxruntime-gpu>=1.23", "onnxscript"]
+HF, TIMM = ["transformers>=4.40"], ["timm>=1.0"]
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "onnx": ONNX,
     "onnx-gpu": ONNX_GPU,
+    "hf": HF,
+    "timm": TIMM,
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX],
+    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *HF, *TIMM],
 }
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "onnx-gpu" for dep in deps})
 
@@ -79,7 +82,7 @@ setup(
     package_dir={"dino_fast.kernels": "kernels", "dino_fast.export": "export"},
     package_data={"dino_fast.data": ["images/*", "images/**/*"]},
     include_package_data=True,
-    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "pillow", "tqdm"],
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "pillow", "tqdm", "safetensors"],
     extras_require=extras,
     ext_modules=cpp_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

@@ -21,10 +21,13 @@ from tqdm import tqdm
 
 from dino_fast import distributed as dist_utils
 from dino_fast.checkpoint import load_checkpoint, save_atomic
+from dino_fast.cli import bool_flag, official_arch
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
 from dino_fast.engine import PRECISIONS, NonFiniteLossError, TrainStep
+from dino_fast.errors import add_debug_flag, command
+from dino_fast.flags import check_train_args
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
 from dino_fast.models.pretrained import normalize_keys
@@ -32,21 +35,12 @@ from dino_fast.optim import build_optimizer, get_params_groups
 from dino_fast.schedules import cosine_scheduler
 
 
-def bool_flag(value: str) -> bool:
-    """Parse the official boolean flags (``true/false``, ``on/off``, ``1/0``)."""
-    if value.lower() in {"on", "true", "1"}:
-        return True
-    if value.lower() in {"off", "false", "0"}:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags: the official ``main_dino.py`` ones, then ours."""
     p = argparse.ArgumentParser("dino_fast.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Model
-    p.add_argument("--arch", default="vit_small", choices=sorted(ARCHS))
+    p.add_argument("--arch", default="vit_small", type=official_arch, choices=sorted(ARCHS))
     p.add_argument("--patch_size", default=16, type=int)
     p.add_argument("--out_dim", default=65536, type=int, help="K, the number of prototypes")
     p.add_argument("--norm_last_layer", default=True, type=bool_flag)
@@ -99,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global crop side in pixels (official 224); smaller for quick CPU runs")
     p.add_argument("--local_crops_size", default=96, type=int,
                    help="local crop side in pixels (official 96)")
+    add_debug_flag(p)
     return p
 
 
@@ -176,6 +171,7 @@ def resume(path, student, teacher, optimizer, dino_loss, scaler) -> tuple[int, i
 
 def train(args) -> dict:
     """Train as ``args`` say; return the last epoch's log entry."""
+    check_train_args(args)  # every flag in range before anything starts
     resolve_device_and_precision(args)
     device = dist_utils.init_distributed(args.device)
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -329,6 +325,7 @@ def log(message: str):
         print(message, flush=True)
 
 
+@command
 def main(argv=None):
     """Entry point of ``python -m dino_fast.train``."""
     args = build_parser().parse_args(argv)

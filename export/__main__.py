@@ -1,5 +1,5 @@
-"""``python -m dino_fast.export``: write a checkpoint's ViT as an ONNX attention-map model."""
-from dino_fast.export.onnx_export import main
+"""``python -m dino_fast.export``: the command lives in :mod:`dino_fast.export.command`."""
+from dino_fast.export.command import main
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,9 @@ from tqdm import tqdm
 from dino_fast.attention_maps import find_images, load_image, save_attention_maps
 from dino_fast.data import BadImageError
 from dino_fast.export.predictor import AttentionMapPredictor, attention_placement_note
-from dino_fast.cli import add_map_args, check_map_args
+from dino_fast.cli import add_map_args, check_map_args, official_arch
+from dino_fast.errors import UserError, add_debug_flag, command
+from dino_fast.flags import INFER_PATHS
 
 
 def parse_args(argv=None):
@@ -26,10 +28,11 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="attention_maps")
     add_map_args(parser, [480])
     parser.add_argument("--patch_size", type=int, help="fail unless the model has this patch")
-    parser.add_argument("--arch", help="fail unless the model is this arch")
+    parser.add_argument("--arch", type=official_arch, help="fail unless the model is this arch")
     parser.add_argument("--threads", type=int, help="ONNX Runtime CPU threads")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    check_map_args(parser, args)
+    check_map_args(parser, args, INFER_PATHS)
     return args
 
 
@@ -43,24 +46,22 @@ def output_name(path: str, used: set[str]) -> str:
     return name
 
 
+@command
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (1 when no image could be read)."""
     args = parse_args(argv)
     if not os.path.exists(args.model):
-        raise SystemExit(f"model not found: {args.model}")
+        raise UserError(f"model not found: {args.model}")
     try:
         predictor = AttentionMapPredictor(args.model, threads=args.threads,
                                           patch_size=args.patch_size, arch=args.arch)
     except ValueError as err:
-        raise SystemExit(str(err)) from err
+        raise UserError(str(err)) from err
     print(f"running on {predictor.describe()}")
     note = attention_placement_note(args.model, predictor.provider)
     if note:
         print(note, file=sys.stderr)
-    try:
-        paths = find_images(args.images)
-    except FileNotFoundError as err:  # a folder without images
-        raise SystemExit(str(err)) from err
+    paths = find_images(args.images)  # a folder without images is a user error
     image_size = predictor.image_size or args.image_size
     used, written, skipped = set(), 0, []
     for path in tqdm(paths, desc="attention maps", unit="img", disable=len(paths) < 2):

@@ -1,7 +1,8 @@
 """Export a DINO ViT to ONNX: ``images`` in, last-block CLS ``attentions`` and ``features`` out.
 
-``python -m dino_fast.export --checkpoint CKPT --output model.onnx`` reads our checkpoints, the
-official DINO ones (``teacher`` by default, ``--key student``) and plain backbone state dicts. The
+``python -m dino_fast.export --checkpoint CKPT --output model.onnx`` (:mod:`.command`, ``--format
+onnx``, the default) reads our checkpoints, the official DINO ones (``teacher`` by default,
+``--key student``), plain backbone state dicts and ``.safetensors`` files. The
 graph (see :mod:`dino_fast.export.exportable`) takes any batch and any image size that is a
 multiple of the patch size, or one fixed ``--image_size H W``. Export runs the reference ops
 (``dino_fast.ops.use_backend("reference")``), never the Triton kernels: every block but the last
@@ -11,7 +12,6 @@ spell it out as MatMul and Softmax); the last block computes its probabilities e
 they are an output. Before returning, the model is checked with ``onnx.checker`` and ONNX
 Runtime's outputs are compared with PyTorch's.
 """
-import argparse
 import copy
 import logging
 import os
@@ -23,8 +23,6 @@ import torch
 from dino_fast.export.exportable import AttentionMapModel
 from dino_fast.export.predictor import METADATA_PREFIX, AttentionMapPredictor
 from dino_fast.ops import use_backend
-from dino_fast.models import detect_arch
-from dino_fast.cli import add_model_args, load_model
 
 DEFAULT_OPSET = 23  # the first with a fused Attention operator
 
@@ -142,34 +140,3 @@ def check_onnx(path: str, vit, image_size=None, precision: str = "fp32") -> floa
         raise RuntimeError(f"the exported {precision} model {path} disagrees with PyTorch beyond "
                            f"{attn_tol} (attentions) or {feat_tol} (features, relative)")
     return attn_error
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dino_fast.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
-                        help="fix the input size (default: dynamic batch and size)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="compute in float16 (for GPUs)")
-    precision.add_argument("--int8", action="store_true",
-                           help="int8 weights, dynamically quantised inputs (for CPUs)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    parser.add_argument("--optimize", "--simplify", action="store_true",
-                        help="save ONNX Runtime's optimised graph (fusions, constant folding)")
-    parser.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime check")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    """Command line entry point of ``python -m dino_fast.export``."""
-    args = parse_args(argv)
-    vit = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
-    arch = args.arch or detect_arch(vit.state_dict())[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    export_onnx(vit, args.output, tuple(args.image_size) if args.image_size else None, args.fp16,
-                args.opset, arch, args.optimize, check=not args.no_check, int8=args.int8)
-    print(f"wrote {args.output} ({arch}/{vit.patch_embed.patch_size}, "
-          f"{'fixed ' + 'x'.join(map(str, args.image_size)) if args.image_size else 'dynamic'} "
-          f"size, {precision_name(args.fp16, args.int8)})")

@@ -1,11 +1,15 @@
 """k-NN evaluation (official ``eval_knn.py`` semantics): the weighted vote against a NumPy
 transcription of the official loop, the per-class split, and the command end to end on a tiny
 synthetic labelled folder."""
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from _cli import user_error
 
 from dino_fast import eval_knn, knn
 from dino_fast.models import build_vit, load_pretrained
@@ -89,7 +93,7 @@ def make_folder(root, counts, size=40):
             Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
 
 
-def test_command_matches_manual_features(tmp_path):
+def test_command_matches_manual_features(tmp_path, capsys):
     make_folder(tmp_path / "train", [4, 3, 5, 2, 3, 4])
     make_folder(tmp_path / "val", [2, 1, 2, 1, 1, 2])
     torch.manual_seed(1)
@@ -101,8 +105,8 @@ def test_command_matches_manual_features(tmp_path):
              str(tmp_path / "val"), "--image_size", "32", "--nb_knn", "3", "200", "--batch_size",
              "4", "--num_workers", "0", "--device", "cpu"]
     results = eval_knn.main(flags)  # the arch comes from the checkpoint
-    with pytest.raises(SystemExit, match="holds a vit_tiny/16 ViT"):
-        eval_knn.main(flags + ["--arch", "vit_small"])
+    assert "holds a vit_tiny/16 ViT" in user_error(capsys, eval_knn.main,
+                                                   flags + ["--arch", "vit_small"])
     # Recompute by hand: same eval transform, the model's CLS output, NumPy k-NN.
     fresh = build_vit("vit_tiny", 16)
     load_pretrained(fresh, str(ckpt))
@@ -130,7 +134,7 @@ def test_top5_only_with_five_classes_and_split(tmp_path):
     assert results[2]["top5"] is None and 0 <= results[2]["top1"] <= 100
 
 
-def test_leave_one_out_command(tmp_path):
+def test_leave_one_out_command(tmp_path, capsys):
     make_folder(tmp_path / "data", [4, 3, 5])
     flags = ["--arch", "vit_tiny", "--data_path", str(tmp_path / "data"), "--image_size", "32",
              "--nb_knn", "3", "--num_workers", "0", "--device", "cpu", "--seed", "2"]
@@ -143,15 +147,53 @@ def test_leave_one_out_command(tmp_path):
     hits = [knn_numpy(np.delete(x, i, 0), np.delete(y, i), x[i:i + 1], y[i:i + 1], 3, 0.07, 3)[0]
             for i in range(len(y))]
     assert results[3]["top1"] == pytest.approx(np.mean(hits))
-    with pytest.raises(SystemExit, match="exactly one of"):
-        eval_knn.main(flags + ["--leave_one_out", "--val_split", "0.5"])
-    with pytest.raises(SystemExit, match="exactly one of"):
-        eval_knn.main(flags)
+    for extra in (["--leave_one_out", "--val_split", "0.5"], []):
+        assert "exactly one of" in user_error(capsys, eval_knn.main, flags + extra)
 
 
-def test_unlabelled_folder_is_an_error(tmp_path):
+def test_unlabelled_folder_is_an_error(tmp_path, capsys):
     make_folder(tmp_path / "data", [2])
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "loose.png")
-    with pytest.raises(SystemExit, match="class sub-folder"):
-        eval_knn.main(["--arch", "vit_tiny", "--data_path", str(tmp_path / "data"),
-                       "--val_split", "0.5", "--device", "cpu"])
+    assert "class sub-folder" in user_error(capsys, eval_knn.main, [
+        "--arch", "vit_tiny", "--data_path", str(tmp_path / "data"), "--val_split", "0.5",
+        "--device", "cpu"])
+
+
+def test_official_flags_layout_and_saved_features(tmp_path, capsys, monkeypatch):
+    """eval_knn.py's flag names, ROOT/train + ROOT/val, --dump_features/--load_features."""
+    make_folder(tmp_path / "root" / "train", [3, 3, 2])
+    make_folder(tmp_path / "root" / "val", [1, 2, 1])
+    torch.manual_seed(3)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in build_vit("vit_tiny").state_dict()
+                            .items()}}, ckpt)
+    workers = []
+    extract = eval_knn.dataset_features
+
+    def spy(model, train_set, val_set, batch_size, num_workers, device):  # records, runs inline
+        workers.append(num_workers)
+        return extract(model, train_set, val_set, batch_size, 0, device)
+
+    monkeypatch.setattr(eval_knn, "dataset_features", spy)
+    monkeypatch.setattr(eval_knn.os, "cpu_count", lambda: 3)
+    common = ["--image_size", "32", "--nb_knn", "2", "5", "--device", "cpu"]
+    root = tmp_path / "root"
+    ours = eval_knn.main(["--checkpoint", str(ckpt), "--data_path", str(root / "train"),
+                          "--val_path", str(root / "val"), "--num_workers", "2", *common])
+    official = eval_knn.main([
+        "--pretrained_weights", str(ckpt), "--checkpoint_key", "teacher", "--arch", "deit_tiny",
+        "--patch_size", "16", "--data_path", str(tmp_path / "root"), "--batch_size_per_gpu", "4",
+        "--temperature", "0.07", "--num_workers", "64", "--use_cuda", "false",
+        "--dump_features", str(tmp_path / "features"), *common])
+    assert official == ours and workers == [2, 3]  # 64 workers capped at the 3 CPUs
+    assert sorted(os.listdir(tmp_path / "features")) == sorted(knn.FEATURE_FILES.values())
+    loaded = eval_knn.main(["--load_features", str(tmp_path / "features"), *common])
+    assert loaded == ours and workers == [2, 3]  # no model, no images
+    # The official layout is used as it is, and one class is no k-NN score.
+    line = user_error(capsys, eval_knn.main, ["--data_path", str(tmp_path / "root"),
+                                              "--val_split", "0.5", *common])
+    assert "official layout" in line
+    make_folder(tmp_path / "single" / "train", [3])
+    make_folder(tmp_path / "single" / "val", [2])
+    line = user_error(capsys, eval_knn.main, ["--data_path", str(tmp_path / "single"), *common])
+    assert "at least two classes" in line

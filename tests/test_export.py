@@ -13,10 +13,12 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from _cli import user_error  # noqa: E402
+
 from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
 from dino_fast.export.infer import main as infer_main  # noqa: E402
 from dino_fast.export.onnx_export import TOLERANCES  # noqa: E402
-from dino_fast.export.onnx_export import main as export_main  # noqa: E402
+from dino_fast.export.command import main as export_main  # noqa: E402
 from dino_fast.models import build_vit  # noqa: E402
 from dino_fast.models import build_model  # noqa: E402
 
@@ -192,8 +194,9 @@ def test_infer_writes_maps_and_skips_unreadable(tiny, tmp_path, capsys):
     assert {p.name for p in (out / "b").iterdir()} == expected
     assert Image.open(out / "a" / "img.png").size == (64, 48)  # shorter side 48, multiple of 16
     assert Image.open(out / "b" / "mask-mean.png").size == (48, 48)  # 60x48 rounded down to 16
-    with pytest.raises(SystemExit, match="patch size 8"):
-        infer_main(["--model", path, "--images", str(folder), "--patch_size", "8"])
+    assert "patch size 8" in user_error(capsys, infer_main,
+                                        ["--model", path, "--images", str(folder),
+                                         "--patch_size", "8"])
 
 
 def test_int8_accuracy_runner_compares_with_fp32(tiny, tmp_path):

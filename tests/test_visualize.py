@@ -85,3 +85,25 @@ def test_visualize_writes_maps_of_checkpoint(tmp_path):
     torch.testing.assert_close(attn, ref)
     expected = official_threshold(ref.clone(), 0.5)[1].reshape(4, 6)
     np.testing.assert_array_equal(mask, upsample_nearest(expected.numpy(), 16))
+
+
+def test_visualize_takes_the_official_flags(tmp_path):
+    """visualize_attention.py's flag names, deit_* for vit_*, and the student by its key."""
+    student, teacher = build_vit("vit_tiny"), build_vit("vit_tiny")
+    torch.save({"student": {f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                "teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()}},
+               tmp_path / "full.pth")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), np.uint8)).save(
+        tmp_path / "img.png")
+
+    def maps(folder, *flags):
+        visualize_main(["--image_path", str(tmp_path / "img.png"), "--image_size", "32", "48",
+                        "--output_dir", str(tmp_path / folder), "--threshold", "0.5", *flags])
+        return {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()}
+
+    official = maps("official", "--pretrained_weights", str(tmp_path / "full.pth"),
+                    "--checkpoint_key", "student", "--arch", "deit_tiny", "--patch_size", "16")
+    ours = maps("ours", "--checkpoint", str(tmp_path / "full.pth"), "--key", "student")
+    teacher_maps = maps("teacher", "--checkpoint", str(tmp_path / "full.pth"))
+    assert official == ours and len(ours) == 9  # the image, 3 heads and their mean, twice
+    assert official["attn-mean.png"] != teacher_maps["attn-mean.png"]

@@ -16,6 +16,8 @@ the pipeline restarts at that batch.
 """
 import torch
 
+from dino_fast.errors import MissingDependencyError
+
 from .augment import ViewSpec
 from .folder import BadImageError, ImageFolderDataset
 from .sampling import EpochPlan, epoch_seed
@@ -37,7 +39,7 @@ def _import_pipeline():
     try:
         from . import dali_pipeline
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"--loader dali needs NVIDIA DALI, which does not import here ({err}). Install it "
             f"with: {INSTALL_HINT} (CUDA 13 wheels; for CUDA 12 use "
             "pip install nvidia-dali-cuda120), or use --loader torch.") from err

@@ -19,15 +19,22 @@ import logging
 import os
 from importlib import resources
 
+import numpy as np
 from PIL import Image
+
+from dino_fast.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 NO_CLASS = -1
 log = logging.getLogger(__name__)
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image file that exists but cannot be decoded (corrupt, truncated, not an image)."""
+
+
+class NoImagesError(UserError, FileNotFoundError):
+    """An image folder that does not exist, or holds no image file."""
 
 
 def bundled_data_path() -> str:
@@ -36,27 +43,96 @@ def bundled_data_path() -> str:
 
 
 def find_images(root: str) -> list[str]:
-    """Sorted paths (relative to ``root``) of every image file under ``root``, recursively."""
+    """Sorted paths (relative to ``root``) of every image file under ``root``, recursively.
+
+    Links are followed, but each real folder is read once and each file listed once (a link
+    to a parent folder, or two links pointing at each other, neither loops nor multiplies the
+    images): a link to a folder or file inside ``root`` is skipped, as what it points to is
+    listed at its own path, and what links lead to outside ``root`` is listed once, at the
+    first path in depth-first name order. Entries with an image extension that are not
+    regular files (FIFOs, sockets, devices, broken links) and folders that cannot be read are
+    skipped, counted in a warning, and never opened.
+    """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist or is not a folder")
-    found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders.sort()
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(folder, name), root))
-    if not found:
-        raise FileNotFoundError(
+        raise NoImagesError(f"image folder {root!r} does not exist or is not a folder")
+    files, skipped = _scan(root)
+    if skipped:
+        log.warning("skipped %d entries under %s that are not readable regular files or "
+                    "folders: %s", len(skipped), root, ", ".join(skipped[:5]))
+    if not files:
+        raise NoImagesError(
             f"no images found under {root!r} (looked recursively for files ending in "
             f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
-    return sorted(found)
+    return files
+
+
+def _scan(root: str) -> tuple[list[str], list[str]]:
+    """``(image files, skipped entries)`` under ``root``, relative to it (see find_images)."""
+    real_root = os.path.realpath(root)
+    seen_folders = {_identity(os.stat(root))}
+    seen_files = set()  # identities of the files reached through links leading outside root
+    files, skipped, pending = [], [], [("", False)]  # (folder, whether it lies outside root)
+    while pending:
+        folder, outside = pending.pop()
+        try:
+            entries = sorted(os.scandir(os.path.join(root, folder)), key=lambda e: e.name)
+        except OSError:
+            skipped.append(folder or ".")
+            continue
+        subfolders = []
+        for entry in entries:
+            relative = os.path.join(folder, entry.name)
+            try:
+                linked_inside = entry.is_symlink() and _inside(os.path.realpath(entry.path),
+                                                               real_root)
+                if entry.is_dir():  # follows links
+                    identity = _identity(entry.stat())
+                    if not linked_inside and identity not in seen_folders:
+                        seen_folders.add(identity)
+                        subfolders.append((relative, outside or entry.is_symlink()))
+                elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                elif not entry.is_file():  # FIFO, socket, device, broken link: never opened
+                    skipped.append(relative)
+                elif outside or entry.is_symlink():  # may be reached by several paths
+                    identity = _identity(entry.stat())
+                    if not linked_inside and identity not in seen_files:
+                        seen_files.add(identity)
+                        files.append(relative)
+                else:  # the common case costs no system call (d_type)
+                    files.append(relative)
+            except OSError:  # an entry removed while scanning
+                skipped.append(relative)
+        pending.extend(reversed(subfolders))  # depth first, in name order
+    return sorted(files), sorted(skipped)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. As the official loader (PIL's ``convert``): grayscale, palette,
+    CMYK and bilevel images are expanded and alpha is dropped. Integer images wider than 8 bits
+    (16-bit PNGs open as ``I;16`` or ``I``) are scaled from 0..65535 to 0..255; PIL's own
+    conversion clips them, turning most of the image white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float64)  # (H, W)
+        eight_bit = np.clip(wide, 0, 65535) * (255 / 65535)
+        img = Image.fromarray(eight_bit.round().astype(np.uint8))  # mode L
+    return img.convert("RGB")
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully into an RGB PIL image, or raise :class:`BadImageError` naming it."""
+    """Decode ``path`` fully into an RGB PIL image (:func:`to_rgb`), or raise
+    :class:`BadImageError` naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the full decode, so truncation shows here
+            return to_rgb(img)  # the conversion forces the full decode: truncation shows here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot decode image {path!r}: {type(err).__name__}: {err}") from err
 

@@ -9,12 +9,18 @@ keyed by its data-set index, so its crops do not depend on worker count or world
 """
 import torch
 
+from dino_fast.errors import UserError
+
 _EPOCH_STRIDE = 1_000_003  # prime; keeps the generator seeds of (seed, epoch) pairs apart
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """A 63-bit seed for everything random in ``epoch`` (and on ``rank``, when it matters)."""
     return ((seed * _EPOCH_STRIDE + epoch) * _EPOCH_STRIDE + rank) % (2**63 - 1)
+
+
+class TooFewImagesError(UserError, ValueError):
+    """Fewer images than one global batch: not a single step could be taken."""
 
 
 class EpochPlan:
@@ -27,7 +33,7 @@ class EpochPlan:
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
         global_batch = batch_size * world_size
         if num_images < global_batch:
-            raise ValueError(
+            raise TooFewImagesError(
                 f"{root} has {num_images} images, fewer than one global batch of {global_batch} "
                 f"({batch_size} per process x {world_size} processes); lower the batch size or "
                 "add images")

@@ -4,6 +4,9 @@ Accepted: a full training checkpoint (``{'student', 'teacher', ...}``; ``teacher
 a ``MultiCropWrapper`` state dict (``backbone.*``/``head.*``), a plain backbone state dict, with or
 without the ``module.`` prefix of DistributedDataParallel, and the parametrize form of the weight
 norm (``parametrizations.weight.original0/1``), which is mapped to ``weight_g``/``weight_v``.
+A path ending in ``.safetensors`` is read with safetensors (tensors only, nothing is unpickled):
+the backbone files ``python -m dino_fast.export --format safetensors`` writes, and the
+``model.safetensors`` of a ``--format timm`` export.
 """
 import os
 import warnings
@@ -14,14 +17,40 @@ import torch.nn as nn
 from dino_fast.checkpoint import load_file
 from dino_fast.models.vision_transformer import ARCH_DIMS, build_vit
 
+SAFETENSORS_SUFFIX = ".safetensors"
 _PARAMETRIZE_KEYS = {"parametrizations.weight.original0": "weight_g",
                      "parametrizations.weight.original1": "weight_v"}
+
+
+def read_weights(path) -> dict:
+    """What the checkpoint file ``path`` holds: the tensors of a ``.safetensors`` file, or the
+    object of a PyTorch pickle read without running code (see :func:`load_file`)."""
+    if not str(path).endswith(SAFETENSORS_SUFFIX):
+        return load_file(path)
+    from safetensors.torch import load_file as load_safetensors
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except Exception as err:  # SafetensorError, OSError: the file is missing or not safetensors
+        raise RuntimeError(f"cannot read {path}: {err}") from err
+
+
+def checkpoint_epoch(path) -> int | None:
+    """The epochs trained that ``path`` records (a training checkpoint's ``epoch``, a
+    ``.safetensors`` file's ``epoch`` metadata), or None when it records none."""
+    if str(path).endswith(SAFETENSORS_SUFFIX):
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            epoch = (f.metadata() or {}).get("epoch", "")
+        return int(epoch) if epoch.isdigit() else None
+    checkpoint = load_file(path)
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    return int(epoch) if isinstance(epoch, int) else None
 
 
 def extract_state_dict(checkpoint, key: str = "teacher") -> dict:
     """The state dict inside ``checkpoint`` (a path or a loaded object), under ``key`` if present."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = load_file(checkpoint)
+        checkpoint = read_weights(checkpoint)
     if not isinstance(checkpoint, dict):
         raise TypeError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
     if key in checkpoint and isinstance(checkpoint[key], dict):

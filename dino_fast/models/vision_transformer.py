@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dino_fast.errors import MissingDependencyError
 from dino_fast.ops import attention as attention_op
 
 ATTN_BACKENDS = ("eager", "sdpa", "triton", "xformers")
@@ -57,7 +58,7 @@ def _xformers_attention(q, k, v, scale):
     try:
         import xformers.ops as xops
     except ImportError as err:
-        raise ImportError("attn_backend='xformers' needs xformers: "
+        raise MissingDependencyError("attn_backend='xformers' needs xformers: "
                           "pip install 'dino-fast[xformers]'") from err
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
                                           v.transpose(1, 2), scale=scale)
