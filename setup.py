@@ -54,16 +54,20 @@ def cpp_extensions():
 
 
 ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's Attention-23
+# onnxruntime-gpu replaces onnxruntime (same module; install one). Its CUDA kernel for the
+# opset-23 Attention node came in 1.25: older builds run that node on the CPU (README).
+ONNX_GPU = ["onnx>=1.18", "onnxruntime-gpu>=1.23", "onnxscript"]
 HF, TIMM = ["transformers>=4.40"], ["timm>=1.0"]
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "onnx": ONNX,
+    "onnx-gpu": ONNX_GPU,
     "hf": HF,
     "timm": TIMM,
     "xformers": ["xformers"],
     "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *HF, *TIMM],
 }
-extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
+extras["all"] = sorted({dep for name, deps in extras.items() if name != "onnx-gpu" for dep in deps})
 
 setup(
     name="dino-fast",

@@ -71,6 +71,13 @@ def environment() -> dict:
 
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
     """Print ``rows`` as an aligned markdown table (missing cells blank) and return it."""
+    text = format_table(rows, columns, title)
+    print(text, flush=True)
+    return text
+
+
+def format_table(rows: list[dict], columns: list[str], title: str = "") -> str:
+    """``rows`` as an aligned markdown table (missing cells blank), under a ``## title``."""
     def cell(value):
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
@@ -82,12 +89,16 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
-    text = (f"## {title}\n\n" if title else "") + "\n".join(lines)
-    print(text, flush=True)
-    return text
+    return (f"## {title}\n\n" if title else "") + "\n".join(lines)
 
 
 def write_results(path: str, text: str):
     """Write a results file: the environment as a JSON header line, then the tables."""
     with open(path, "w", encoding="utf-8") as f:
         f.write("environment: " + json.dumps(environment()) + "\n\n" + text + "\n")
+
+
+def write_json(path: str, rows: list[dict], title: str = ""):
+    """Write ``rows`` (one dict per table row) with the environment, for tools to read."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"title": title, "environment": environment(), "rows": rows}, f, indent=1)

@@ -7,9 +7,11 @@ batch / latency, speed-ups are against PyTorch eager fp32 at the same batch. tor
 Runtime use the same number of CPU threads. On a CPU, int8 rows are added: ONNX Runtime with
 dynamically quantised matrix products (``--int8`` of the export) and, as its baseline, PyTorch's
 own dynamic quantisation of the ``nn.Linear`` layers; on a GPU, ONNX Runtime fp16 and PyTorch
-bf16 autocast rows.
+bf16 autocast rows. Each ONNX Runtime row names the execution provider that runs it (CUDA with
+``onnxruntime-gpu``, else the CPU, fed from and back to the host).
 
     python benchmarks/inference.py [--arch vit_small --patch_size 16 --image_size 224]
+                                   [--onnx fp32 int8] [--output FILE] [--json FILE]
 """
 import argparse
 import copy
@@ -22,7 +24,7 @@ from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import measure, print_table, write_results  # noqa: E402
+from benchmarks.common import measure, print_table, write_json, write_results  # noqa: E402
 from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
 from dino_fast.models import build_vit  # noqa: E402
 from dino_fast.ops import use_backend  # noqa: E402
@@ -44,13 +46,16 @@ def torch_runner(vit, autocast_dtype=None, compile_=False):
 
 
 def onnx_runner(vit, folder: str, arch: str, threads: int, precision: str = "fp32"):
-    """The same function served by ONNX Runtime from a freshly exported dynamic model."""
+    """The same function served by ONNX Runtime from a freshly exported dynamic model, and the
+    provider that runs it."""
     path = os.path.join(folder, f"{arch}_{precision}.onnx")
     export_onnx(vit, path, fp16=precision == "fp16", int8=precision == "int8", arch=arch)
-    return AttentionMapPredictor(path, threads=threads).run
+    predictor = AttentionMapPredictor(path, threads=threads)
+    return predictor.run, predictor.provider.removesuffix("ExecutionProvider")
 
 
-def runners(vit, arch: str, threads: int, folder: str, compile_: bool) -> dict:
+def runners(vit, arch: str, threads: int, folder: str, compile_: bool,
+            onnx_precisions: list[str] | None = None) -> dict:
     """The backends to compare, by name (eager fp32 first: the baseline)."""
     cuda = next(vit.parameters()).is_cuda
     named = {"pytorch eager fp32": torch_runner(vit)}
@@ -61,9 +66,9 @@ def runners(vit, arch: str, threads: int, folder: str, compile_: bool) -> dict:
         named["pytorch eager int8"] = torch_runner(int8_vit)
     if compile_:
         named["torch.compile fp32"] = torch_runner(vit, compile_=True)
-    named["onnxruntime fp32"] = onnx_runner(vit, folder, arch, threads)
-    low = "fp16" if cuda else "int8"
-    named[f"onnxruntime {low}"] = onnx_runner(vit, folder, arch, threads, low)
+    for precision in onnx_precisions or ["fp32", "fp16" if cuda else "int8"]:
+        run, provider = onnx_runner(vit, folder, arch, threads, precision)
+        named[f"onnxruntime {precision} ({provider})"] = run
     return named
 
 
@@ -77,7 +82,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--onnx", nargs="+", choices=["fp32", "fp16", "int8"],
+                        help="ONNX Runtime precisions (default: fp32, and fp16 on a GPU or int8)")
     parser.add_argument("--output", help="also write the table to this results file")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +93,8 @@ def main(argv=None):
     vit.set_attn_backend("eager")
     rows = []
     with tempfile.TemporaryDirectory() as folder, use_backend("reference"):
-        named = runners(vit.to(device), args.arch, args.threads, folder, not args.no_compile)
+        named = runners(vit.to(device), args.arch, args.threads, folder, not args.no_compile,
+                        args.onnx)
         for batch in args.batch_sizes:
             images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
             host = images.cpu().numpy()
@@ -96,11 +105,15 @@ def main(argv=None):
                 baseline = baseline or ms
                 rows.append({"backend": name, "batch": batch, "latency ms": ms,
                              "images/s": batch * 1e3 / ms, "speed-up vs eager": baseline / ms})
+    title = (f"Attention-map inference, {args.arch}/{args.patch_size} at {args.image_size}, "
+             f"{device.type}, {args.threads} threads")
     table = print_table(rows, ["backend", "batch", "latency ms", "images/s", "speed-up vs eager"],
-                        title=f"Attention-map inference, {args.arch}/{args.patch_size} at "
-                              f"{args.image_size}, {device.type}, {args.threads} threads")
+                        title=title)
     if args.output:
         write_results(args.output, table)
+    if args.json:
+        write_json(args.json, rows, title)
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,18 +4,26 @@ Ops (issue 3): the DINO loss (forward + backward), the teacher EMA (one update o
 parameter of ViT + DINOHead) and attention (forward + backward). Providers:
 
 * ``reference``: the eager pure-PyTorch reference (the speed-up column's baseline);
-* ``compiled reference``: ``torch.compile`` of the same function;
+* ``compiled reference``: ``torch.compile`` of the same function, for the loss (on the CPU also
+  for the EMA and attention; on a GPU those would cost about a dozen inductor compiles for
+  baselines nobody picks, so the GPU keeps the ones below);
 * ours: ``triton`` (CUDA only; never the interpreter) and ``cpp`` (CPU, when ``dino_fast._C`` is
   built), through the public ops with the backend forced;
-* library baselines: torch SDPA per backend and xformers for attention; the official
-  per-parameter loop, ``torch._foreach_lerp_`` and ``_foreach_mul_`` + ``_foreach_add_`` for
-  the EMA. "x best baseline" compares with the fastest of these (and the compiled reference).
+* library baselines, the ones a user would pick: torch SDPA with each backend forced (flash,
+  cuDNN, efficient) and xformers when installed for attention, SDPA once per crop size for the
+  packed crops; the official per-parameter loop, ``torch._foreach_lerp_``,
+  ``_foreach_mul_`` + ``_foreach_add_`` and a plain copy (the bandwidth ceiling) for the EMA.
+  "x best baseline" compares with the fastest of these (and the compiled reference).
 
-Shapes are DINO's on a GPU (2x224 + 10x96 crops, K = 65536, ViT-S/16 and ViT-B/16); smaller
-defaults on the CPU, plus the CPU training shape of the loss (batch 32, 2+10 crops, K = 65536)
-and the 44M-parameter ViT-S/16 + DINOHead(65536) EMA.
+The packed-attention reference loops over the sequences in Python (1,536 at batch 128), so on a
+GPU it is timed once, without repeats. Shapes are DINO's on a GPU (2x224 + 10x96 crops,
+K = 65536, ViT-S/16 and ViT-B/16; ``--quick``: ViT-S/16 at batch 64, the GPU suite's stage 3);
+smaller defaults on the CPU, plus the CPU training shape of the loss (batch 32, 2+10 crops,
+K = 65536) and the 44M-parameter ViT-S/16 + DINOHead(65536) EMA; ``--tiny``: seconds on a CPU
+(the GPU suite's dry run).
 
-    python benchmarks/ops.py [--quick] [--ops loss,ema,attention] [--output FILE]
+    python benchmarks/ops.py [--quick | --tiny] [--ops loss,ema,attention] [--no_compile]
+                             [--output FILE] [--json FILE]
 """
 import argparse
 import os
@@ -27,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import measure, peak_memory_mb, print_table, write_results  # noqa: E402
+from benchmarks.common import (measure, peak_memory_mb, print_table, write_json,  # noqa: E402
+                               write_results)
 from benchmarks.train_step import PerParameterEMA  # noqa: E402
 from dino_fast.ema import flatten_parameters  # noqa: E402
 from dino_fast.models import DINOHead, build_vit  # noqa: E402
@@ -40,6 +49,7 @@ from dino_fast.ops.ema import ema_, ema_reference  # noqa: E402
 COLUMNS = ["op", "shape", "dtype", "provider", "ms", "rate", "peak MiB", "x eager",
            "x best baseline"]
 OURS = ("triton", "cpp")
+COPY = "plain copy (bandwidth)"  # a ceiling, not a baseline: no EMA can beat it
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +63,7 @@ class Case:
     work: float  # bytes moved (rate in GB/s) or floating-point operations (TFLOP/s)
     unit: str  # "GB/s" or "TFLOP/s"
     providers: dict = field(default_factory=dict)
+    once: set = field(default_factory=set)  # slow providers timed once, without repeats
 
 
 def our_backends(device: torch.device) -> list[str]:
@@ -75,7 +86,7 @@ def forced(backend: str, fn):
 
 # --- the DINO loss -------------------------------------------------------------------------
 
-def loss_case(batch, ncrops, K, dtype, device) -> Case:
+def loss_case(batch, ncrops, K, dtype, device, compile_=True) -> Case:
     """Loss forward + backward of ``[ncrops*B, K]`` student and ``[2B, K]`` teacher logits."""
     student = torch.randn(ncrops * batch, K, device=device, dtype=DTYPES[dtype])
     student.requires_grad_(True)
@@ -92,7 +103,8 @@ def loss_case(batch, ncrops, K, dtype, device) -> Case:
     case = Case("dino_loss fwd+bwd", f"B={batch} crops={ncrops} K={K}", dtype,
                 rows * K * student.element_size(), "GB/s")
     case.providers["reference"] = step(dino_loss_reference)
-    case.providers["compiled reference"] = step(torch.compile(dino_loss_reference))
+    if compile_:
+        case.providers["compiled reference"] = step(torch.compile(dino_loss_reference))
     for name in our_backends(device):
         case.providers[name] = step(forced(name, dino_loss))
     return case
@@ -106,7 +118,7 @@ def dino_model(arch: str, out_dim: int) -> nn.Module:
     return nn.ModuleList([backbone, DINOHead(backbone.embed_dim, out_dim)])
 
 
-def ema_case(arch, out_dim, device) -> Case:
+def ema_case(arch, out_dim, device, compile_=True) -> Case:
     """One EMA update over every parameter of ``arch`` + DINOHead(``out_dim``)."""
     student, teacher = dino_model(arch, out_dim).to(device), dino_model(arch, out_dim).to(device)
     student_flat, teacher_flat = flatten_parameters(student), flatten_parameters(teacher)
@@ -124,17 +136,21 @@ def ema_case(arch, out_dim, device) -> Case:
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
-    compiled = torch.compile(ema_reference)
     numel = student_flat.numel()
     case = Case("ema_", f"{arch}/16+head({out_dim}) {numel / 1e6:.1f}M", "fp32",
                 3 * 4 * numel, "GB/s")  # read teacher and student, write teacher
     case.providers = {
         "reference": lambda: ema_reference(teacher_flat, student_flat, momentum_t),
-        "compiled reference": lambda: compiled(teacher_flat, student_flat, momentum_t),
         "per-parameter loop (official)": lambda: per_parameter.update(momentum),
         "_foreach_lerp_": lerp,
         "_foreach_mul_+add_": mul_add,
+        # not an EMA: reads one buffer and writes one (2/3 of the EMA's bytes), the copy ceiling
+        COPY: lambda: teacher_flat.copy_(student_flat),
     }
+    if compile_ and device.type != "cuda":
+        compiled = torch.compile(ema_reference)
+        case.providers["compiled reference"] = lambda: compiled(teacher_flat, student_flat,
+                                                                momentum_t)
     for name in our_backends(device):
         case.providers[name] = lambda name=name: forced(name, ema_)(teacher_flat, student_flat,
                                                                      momentum_t)
@@ -173,7 +189,7 @@ def xformers_provider() -> dict:
     return {"xformers": run}
 
 
-def attention_case(arch, sequences, heads, seqlen, dtype, device) -> Case:
+def attention_case(arch, sequences, heads, seqlen, dtype, device, compile_=True) -> Case:
     """Attention forward + backward on ``[sequences, heads, seqlen, 64]``."""
     head_dim = 64
     q, k, v = (torch.randn(sequences, heads, seqlen, head_dim, device=device,
@@ -190,16 +206,17 @@ def attention_case(arch, sequences, heads, seqlen, dtype, device) -> Case:
     flops = 3.5 * 4 * sequences * heads * seqlen * seqlen * head_dim  # backward = 2.5x forward
     case = Case("attention fwd+bwd", f"{arch} {sequences}x{heads}x{seqlen}x{head_dim}", dtype,
                 flops, "TFLOP/s")
-    providers = {"reference": attention_reference,
-                 "compiled reference": torch.compile(attention_reference),
-                 **sdpa_providers(device), **xformers_provider()}
+    providers = {"reference": attention_reference}
+    if compile_ and device.type != "cuda":
+        providers["compiled reference"] = torch.compile(attention_reference)
+    providers.update({**sdpa_providers(device), **xformers_provider()})
     if "triton" in our_backends(device):
         providers["triton"] = forced("triton", attention)
     case.providers = {name: step(fn) for name, fn in providers.items()}
     return case
 
 
-def attention_varlen_case(arch, images, heads, dtype, device) -> Case:
+def attention_varlen_case(arch, images, heads, dtype, device, compile_=True) -> Case:
     """All crops of ``images`` images (2 x 197 + 10 x 37 tokens each) packed in one call,
     against SDPA run once per crop size on padded-free dense batches."""
     head_dim, lengths = 64, [197] * (2 * images) + [37] * (10 * images)
@@ -225,6 +242,8 @@ def attention_varlen_case(arch, images, heads, dtype, device) -> Case:
                 dtype, flops, "TFLOP/s")
     case.providers = {"reference": packed_step(attention_varlen_reference),
                       "sdpa per crop size": per_size_sdpa}
+    if device.type == "cuda":
+        case.once.add("reference")  # a Python loop over every crop: seconds per call
     if "triton" in our_backends(device):
         varlen = forced("triton", attention_varlen)
         case.providers["triton"] = packed_step(
@@ -234,8 +253,20 @@ def attention_varlen_case(arch, images, heads, dtype, device) -> Case:
 
 # --- running -------------------------------------------------------------------------------
 
-def build_cases(ops, device, quick) -> list:
+def tiny_cases(ops) -> list:
+    """Seconds on a CPU: every provider of every op, at toy shapes (the GPU suite's dry run)."""
+    cases = [(loss_case, (2, 4, 256, "fp32"))] if "loss" in ops else []
+    cases += [(ema_case, ("vit_tiny", 256))] if "ema" in ops else []
+    if "attention" in ops:
+        cases += [(attention_case, ("vit_tiny", 4, 3, 37, "fp32")),
+                  (attention_varlen_case, ("vit_tiny", 1, 3, "fp32"))]
+    return cases
+
+
+def build_cases(ops, device, quick, tiny=False) -> list:
     """The ``(builder, args)`` of each case: DINO shapes on a GPU, small ones on the CPU."""
+    if tiny:
+        return tiny_cases(ops)
     cuda = device.type == "cuda"
     cases = []
     if "loss" in ops:
@@ -271,8 +302,9 @@ def time_case(case: Case, device, warmup, repeats) -> list[dict]:
     """One row per provider, with speed-ups against the eager reference and the best baseline."""
     times, rows = {}, []
     for name, fn in case.providers.items():
+        runs = (1, 1) if name in case.once else (warmup, repeats)
         try:
-            times[name] = measure(fn, warmup=warmup, repeats=repeats, device=device)
+            times[name] = measure(fn, *runs, device=device)
         except Exception as error:  # e.g. an SDPA backend that does not take this shape
             print(f"skip {case.op} {case.shape} {name}: {type(error).__name__}: "
                   f"{str(error).splitlines()[0][:120]}", file=sys.stderr)
@@ -280,7 +312,7 @@ def time_case(case: Case, device, warmup, repeats) -> list[dict]:
         rows.append({"op": case.op, "shape": case.shape, "dtype": case.dtype, "provider": name,
                      "ms": times[name], "peak MiB": peak_memory_mb(fn, device),
                      "rate": rate(case, times[name])})
-    baselines = [t for name, t in times.items() if name not in OURS and name != "reference"]
+    baselines = [t for name, t in times.items() if name not in (*OURS, "reference", COPY)]
     for row in rows:
         if "reference" in times:
             row["x eager"] = times["reference"] / row["ms"]
@@ -292,10 +324,15 @@ def time_case(case: Case, device, warmup, repeats) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    size.add_argument("--tiny", action="store_true", help="toy shapes, one repeat (dry runs)")
     parser.add_argument("--ops", default="loss,ema,attention",
                         help="comma-separated subset of loss,ema,attention")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="skip the torch.compile baselines")
     parser.add_argument("--output", default=None, help="write the table to this markdown file")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     ops = set(args.ops.split(","))
     if not ops <= {"loss", "ema", "attention"}:
@@ -304,10 +341,12 @@ def main(argv=None):
     warmup, repeats = (2, 3) if device.type == "cpu" else (5, 20)
     if args.quick:
         repeats = max(2, repeats // 2)
+    if args.tiny:
+        warmup, repeats = 1, 1
     torch.manual_seed(0)
     rows = []
-    for builder, shape in build_cases(ops, device, args.quick):
-        case = builder(*shape, device)
+    for builder, shape in build_cases(ops, device, args.quick, args.tiny):
+        case = builder(*shape, device, compile_=not args.no_compile)
         rows += time_case(case, device, warmup, repeats)
         del case
         torch._dynamo.reset()  # keep compile caches from piling up across shapes
@@ -315,6 +354,9 @@ def main(argv=None):
     table = print_table(rows, COLUMNS, title=title)
     if args.output:
         write_results(args.output, table)
+    if args.json:
+        write_json(args.json, rows, title)
+    return rows
 
 
 if __name__ == "__main__":

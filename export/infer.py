@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dino_fast.attention_maps import find_images, load_image, save_attention_maps
 from dino_fast.data import BadImageError
-from dino_fast.export.predictor import AttentionMapPredictor
+from dino_fast.export.predictor import AttentionMapPredictor, attention_placement_note
 from dino_fast.cli import add_map_args, check_map_args, official_arch
 from dino_fast.errors import UserError, add_debug_flag, command
 from dino_fast.flags import INFER_PATHS
@@ -57,6 +57,10 @@ def main(argv=None) -> int:
                                           patch_size=args.patch_size, arch=args.arch)
     except ValueError as err:
         raise UserError(str(err)) from err
+    print(f"running on {predictor.describe()}")
+    note = attention_placement_note(args.model, predictor.provider)
+    if note:
+        print(note, file=sys.stderr)
     paths = find_images(args.images)  # a folder without images is a user error
     image_size = predictor.image_size or args.image_size
     used, written, skipped = set(), 0, []

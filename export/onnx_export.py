@@ -65,7 +65,9 @@ def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp1
     if image_size is not None and any(s <= 0 or s % patch for s in image_size):
         raise ValueError(f"--image_size {image_size} must be positive multiples of the patch "
                          f"size {patch}")
-    vit = copy.deepcopy(vit).eval()  # the caller's model keeps its mode and attention backend
+    # Trace a float32 CPU copy: the example input and the graph's scalar tensors are on the CPU,
+    # and the caller's model keeps its device, dtype, mode and attention backend.
+    vit = copy.deepcopy(vit).to("cpu", torch.float32).eval()
     vit.set_attn_backend("sdpa")  # one Attention node per block at opset >= 23
     graph = AttentionMapModel(copy.deepcopy(vit) if fp16 else vit, image_size,
                               torch.float16 if fp16 else torch.float32).eval()
@@ -114,7 +116,8 @@ def check_onnx(path: str, vit, image_size=None, precision: str = "fp32") -> floa
     """``onnx.checker`` on ``path``, then ONNX Runtime vs PyTorch on a random input.
 
     Prints and returns the max absolute error of the attentions; raises if it or the features'
-    error (relative to their largest magnitude) is above the precision's ``TOLERANCES``.
+    error (relative to their largest magnitude) is above the precision's ``TOLERANCES``. ``vit``
+    may be on any device; the comparison runs in float32 on the host.
     """
     import onnx
 
@@ -123,8 +126,10 @@ def check_onnx(path: str, vit, image_size=None, precision: str = "fp32") -> floa
     size = image_size or (14 * patch, 10 * patch)  # off the training grid: interpolation runs
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     attentions, features = AttentionMapPredictor(path).run(images.numpy())
-    with use_backend("reference"), torch.no_grad():
-        ref_features, ref_attn = vit.forward_with_attention(images)
+    device = next(vit.parameters()).device
+    with use_backend("reference"), torch.no_grad(), torch.autocast(device.type, enabled=False):
+        ref_features, ref_attn = vit.forward_with_attention(images.to(device))
+    ref_attn, ref_features = ref_attn.float().cpu(), ref_features.float().cpu()
     attn_error = float(np.abs(attentions - ref_attn[:, :, 0, 1:].numpy()).max())
     feat_error = float(np.abs(features - ref_features.numpy()).max())
     feat_scale = float(ref_features.abs().max())

@@ -1,13 +1,16 @@
 """ONNX Runtime serving of an exported DINO ViT: images in, CLS attentions and features out.
 
-Uses the CUDA execution provider when ONNX Runtime has it (inputs and outputs bound on the GPU
-with IO binding, so a CUDA tensor is read in place), else the CPU.
+Uses the CUDA execution provider when ONNX Runtime has it (``pip install 'dino-fast[onnx-gpu]'``),
+else the CPU. On CUDA, the input, the outputs and the session live on ONE device, the session's
+(its ``device_id``): a CUDA tensor on that device is read in place, any other input is copied
+there, and the outputs are bound there before being copied to the host.
 """
 import numpy as np
 import onnxruntime as ort
 
 METADATA_PREFIX = "dino_fast."  # keys of the ONNX metadata written by the export
 OUTPUTS = ("attentions", "features")
+CUDA_ATTENTION_ORT = (1, 25)  # the first ONNX Runtime with a CUDA kernel for ONNX Attention-23
 
 
 def default_providers() -> list[str]:
@@ -46,7 +49,14 @@ class AttentionMapPredictor:
             if want is not None and want != have:
                 raise ValueError(f"{model_path} is a {self.arch}/{self.patch_size} model, "
                                  f"not the {name} {want} asked for; re-export it")
-        self.on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.provider = self.session.get_providers()[0]  # the one that runs the graph's nodes
+        self.on_gpu = self.provider == "CUDAExecutionProvider"
+        self.device_id = session_device_id(self.session) if self.on_gpu else None
+
+    def describe(self) -> str:
+        """Which provider runs the model, e.g. ``CUDAExecutionProvider (device 0)``."""
+        where = f" (device {self.device_id})" if self.on_gpu else ""
+        return f"ONNX Runtime {ort.__version__}: {self.provider}{where}"
 
     def check_size(self, height: int, width: int):
         """Raise a clear error if the model cannot take ``height x width`` images."""
@@ -72,19 +82,39 @@ class AttentionMapPredictor:
 
     def _run_bound(self, images) -> tuple[np.ndarray, np.ndarray]:
         binding = self.session.io_binding()
-        if isinstance(images, np.ndarray):
-            binding.bind_ortvalue_input("images", ort.OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(images, dtype=np.float32), "cuda", 0))
-        else:  # a torch tensor: bind its memory directly when it is float32 on a GPU
-            images = images.float().contiguous()
-            if images.device.type != "cuda":
-                images = images.cuda()
+        if isinstance(images, np.ndarray) or images.device.type != "cuda":
+            host = images if isinstance(images, np.ndarray) else images.detach().cpu().numpy()
+            binding.bind_cpu_input("images", np.ascontiguousarray(host, dtype=np.float32))
+        else:  # a CUDA tensor: bound in place on the session's device (copied there if needed)
             import torch  # images is a torch tensor, so torch is installed
+            images = images.detach().to(f"cuda:{self.device_id}", torch.float32).contiguous()
             torch.cuda.current_stream(images.device).synchronize()  # ORT reads on its own stream
-            binding.bind_input("images", "cuda", images.device.index or 0, np.float32,
+            binding.bind_input("images", "cuda", self.device_id, np.float32,
                                tuple(images.shape), images.data_ptr())
         for name in OUTPUTS:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         attentions, features = binding.copy_outputs_to_cpu()
         return attentions, features
+
+
+def session_device_id(session) -> int:
+    """The CUDA device of ``session`` (its CUDA provider's ``device_id``, 0 when unset)."""
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return int(options.get("device_id", 0))
+
+
+def attention_placement_note(model_path: str, provider: str) -> str | None:
+    """A note when this ONNX Runtime would run the graph's opset-23 ``Attention`` nodes on the
+    CPU although the session is on CUDA (builds before 1.25 have no CUDA kernel for it and
+    copy every block's activations to the host and back); ``None`` otherwise."""
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2])
+    if provider != "CUDAExecutionProvider" or version >= CUDA_ATTENTION_ORT:
+        return None
+    import onnx
+    graph = onnx.load(model_path, load_external_data=False).graph
+    if not any(node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+               for node in graph.node):
+        return None
+    return (f"note: ONNX Runtime {ort.__version__} runs the opset-23 Attention nodes on the CPU "
+            "(its CUDA kernel came in 1.25); export with --opset 18 for this runtime")

@@ -1,6 +1,8 @@
 """Shared by the training tests: a tiny image folder, the tiny-run flags, and subprocess runs of
 ``python -m dino_fast.train`` on one CPU thread (2-thread OpenMP under a loaded CI machine is
-several times slower, and the thread count must match for bit-exact comparisons)."""
+several times slower, and the thread count must match for bit-exact comparisons). The runs are
+on the CPU (``--device cpu`` in ``TINY_RUN``) even on a GPU machine, since the resume and
+fault-tolerance tests assert bit-exact states, which CUDA does not give."""
 import os
 import socket
 import subprocess

@@ -2,6 +2,11 @@
 
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is defined, so it is set
 here, before the tests import dino_fast. On a CUDA machine the kernels run for real.
+
+Triton before 3.8 has an interpreter that fails with numpy >= 2.4 (it calls ``int()`` on
+one-element arrays). pip cannot express that pair in setup.py (an environment marker cannot see
+another package's version), so on such a machine every test that runs Triton on the CPU is
+skipped, with the reason and the fix (``pip install 'numpy<2.4'`` or ``triton>=3.8``).
 """
 import os
 
@@ -13,6 +18,35 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from dino_fast.ops import _backend  # noqa: E402
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+def triton_skip_reason() -> str | None:
+    """Why Triton kernels cannot run in these tests here, or ``None`` when they can."""
+    if not _backend.triton_available():
+        return "triton is not installed"
+    if torch.cuda.is_available():
+        return None
+    import numpy
+    import triton
+    if _major_minor(triton.__version__) < (3, 8) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s CPU interpreter fails with numpy "
+                f"{numpy.__version__} (>= 2.4): pip install 'numpy<2.4' or 'triton>=3.8'")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests parametrised with the ``triton`` backend where it cannot run."""
+    reason = triton_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and "triton" in params.params.values():
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def available_backends() -> list[str]:

@@ -19,10 +19,9 @@ from dino_fast.ops.attention import (
     attention_varlen,
     attention_varlen_reference,
 )
-from tests.conftest import available_backends, device_for
+from tests.conftest import device_for, triton_skip_reason
 
-pytestmark = pytest.mark.skipif("triton" not in available_backends(),
-                                reason="triton is not installed")
+pytestmark = pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
 DEVICE = device_for("triton")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # float32 kernel vs float64 reference, unit-normal inputs: a few fp32 roundings of O(1) sums.

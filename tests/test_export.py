@@ -93,6 +93,19 @@ def test_small_matches_pytorch(tmp_path):
         assert_matches_pytorch(predictor, vit, size)
 
 
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """Export traces a float32 CPU copy (issue 19 item 1: a CUDA model used to be traced with CPU
+    inputs): the caller's dtype, mode and attention backend are unchanged, and the exported
+    graph computes the float32 version of its weights."""
+    vit = random_vit("vit_tiny", depth=1).to(torch.bfloat16).train()
+    vit.set_attn_backend("eager")
+    export_onnx(vit, str(tmp_path / "b.onnx"), arch="vit_tiny")
+    assert vit.training and vit.pos_embed.dtype == torch.bfloat16
+    assert {blk.attn.attn_backend for blk in vit.blocks} == {"eager"}
+    assert_matches_pytorch(AttentionMapPredictor(str(tmp_path / "b.onnx")), vit.float().eval(),
+                           (64, 96))
+
+
 @pytest.mark.parametrize("opset", [18, 23])
 def test_attention_is_fused_from_opset_23(tmp_path, opset):
     """Opset 23 writes every block but the last as one ONNX Attention node; 18 spells it out.

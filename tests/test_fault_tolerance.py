@@ -97,7 +97,7 @@ def test_killed_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
 
     got, want = load(out / "checkpoint.pth"), load(tmp_path / "reference" / "checkpoint.pth")
     assert (got["epoch"], got["iteration"]) == (want["epoch"], want["iteration"]) == (EPOCHS, 0)
-    assert_same_state(got, want, atol=0.0)  # bit-exact: same data, same draws, same math
+    assert_same_state(got, want, atol=0.0)  # bit-exact on the CPU (TINY_RUN: --device cpu)
     assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
 
 

@@ -7,7 +7,7 @@ import torch
 from dino_fast.models import DINOHead, MultiCropWrapper, VisionTransformer
 from dino_fast.models.packed import _Packing, packed_multicrop_forward
 from dino_fast.ops import use_backend
-from tests.conftest import available_backends, device_for
+from tests.conftest import available_backends, device_for, triton_skip_reason
 
 BACKENDS = [b for b in available_backends() if b != "cpp"]  # attention has no C++ kernel
 
@@ -49,7 +49,7 @@ def test_matches_multicrop_wrapper(backend):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
 def test_compile_fullgraph():
     """The packed pass traces with no graph break (the reference's per-sequence loop reads
     ``cu_seqlens`` on the host, so the Triton op is the one to compile)."""

@@ -1,6 +1,10 @@
 """The training command end to end on the CPU: a short run writes the official checkpoint and
 log, lowers nothing to NaN, and resuming from a checkpoint reaches the same state as an
-uninterrupted run."""
+uninterrupted run.
+
+The runs are on the CPU (``--device cpu``) even on a GPU machine: the resume test asserts
+bit-exact equality, which CUDA does not give (bf16 by default, and the bicubic
+position-embedding backward uses non-deterministic atomics)."""
 import json
 import os
 import shutil
@@ -14,7 +18,8 @@ from dino_fast.train import build_parser, train
 TINY = ["--arch", "vit_tiny", "--out_dim", "256", "--batch_size_per_gpu", "2",
         "--local_crops_number", "1", "--max_steps", "2", "--num_workers", "0",
         "--global_crops_size", "64", "--local_crops_size", "32",
-        "--saveckp_freq", "1", "--warmup_epochs", "0", "--loader", "torch"]  # lr > 0 from step 0
+        "--saveckp_freq", "1", "--warmup_epochs", "0", "--loader", "torch",  # lr > 0 from step 0
+        "--device", "cpu"]  # bit-exact resumes: see the module docstring
 
 
 def run(output_dir, *extra):
