@@ -54,11 +54,13 @@ def cpp_extensions():
 
 
 ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's Attention-23
+MONITOR = ["tensorboard", "matplotlib"]  # --tensorboard, curves.png, python -m dino_fast.plot
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "onnx": ONNX,
+    "monitor": MONITOR,
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX],
+    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *MONITOR],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 

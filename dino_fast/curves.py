@@ -92,7 +92,8 @@ def draw(runs: dict[str, list[dict]], path: str, title: str | None = None):
     axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.9 if title else 0.94,
+                        wspace=0.28, hspace=0.55)  # fixed: tight_layout doubles the time
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + ".partial"  # renamed when complete: a viewer never sees half an image
     fig.savefig(partial, dpi=80, format=os.path.splitext(path)[1][1:] or "png")

@@ -8,6 +8,7 @@ device at most once per ``refresh_s``), at the end of an epoch on every process
 ``log.txt`` (:meth:`after_log`: TensorBoard and ``curves.png``). TensorBoard and matplotlib are
 optional: without them a line says so once and training goes on.
 """
+import argparse
 import math
 import os
 import time
@@ -32,6 +33,8 @@ def add_monitor_args(parser):
                         help="write TensorBoard event files to --output_dir")
     parser.add_argument("--stop_on_collapse", action="store_true",
                         help="stop (after the epoch's checkpoint) when a collapse is detected")
+    parser.add_argument("--curves", default=True, action=argparse.BooleanOptionalAction,
+                        help="redraw --output_dir/curves.png after every epoch (matplotlib)")
 
 
 def build_monitor(args, device) -> "TrainingMonitor":
@@ -100,7 +103,7 @@ class TrainingMonitor:
         self.knn, self.knn_every = knn, args.knn_every
         self.main = dist_utils.is_main_process()
         self.writer = open_tensorboard(args.output_dir) if args.tensorboard and self.main else None
-        self.draw_curves = self.main
+        self.draw_curves = self.main and args.curves
         self.should_stop = False
         self._epoch_start = time.perf_counter()
 

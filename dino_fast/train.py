@@ -184,6 +184,7 @@ def train(args) -> dict:
     seed_everything(args.seed)  # the same initial weights on every rank
     if dist_utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+    monitor = build_monitor(args, device)  # checks the k-NN folders before anything is built
 
     loader = build_loader(
         kind=args.loader, data_path=args.data_path, batch_size=args.batch_size_per_gpu,
@@ -208,7 +209,6 @@ def train(args) -> dict:
     step = TrainStep(student, teacher, dino_loss, optimizer, ema, precision=args.precision,
                      clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
                      compile=args.compile)
-    monitor = build_monitor(args, device)
 
     warmup_epochs = min(args.warmup_epochs, args.epochs)
     lr_schedule = cosine_scheduler(args.lr * args.batch_size_per_gpu * world / 256.0,
