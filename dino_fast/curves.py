@@ -70,7 +70,7 @@ def draw(runs: dict[str, list[dict]], path: str, title: str | None = None):
     if not panels:
         raise ValueError("none of the runs logged a metric to draw "
                          f"({', '.join(key for key, _ in PANELS)})")
-    cols = min(3, len(panels))
+    cols = 2 if len(panels) in (2, 4) else min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, (key, name) in zip(axes.flat, panels):

@@ -29,11 +29,11 @@ METRICS = {
 }
 
 HINTS = {
-    "uniform": "centering dominates sharpening. What usually helps: a lower --teacher_temp "
+    "uniform": "Centering dominates sharpening. What usually helps: a lower --teacher_temp "
                "(or a shorter --warmup_teacher_temp_epochs), --norm_last_layer true, a lower "
                "--lr or a longer --warmup_epochs, a larger batch, and --freeze_last_layer 1 or "
                "more",
-    "one-dimension": "sharpening dominates centering. What usually helps: a higher "
+    "one-dimension": "Sharpening dominates centering. What usually helps: a higher "
                      "--teacher_temp (or its warm-up from --warmup_teacher_temp 0.04), a larger "
                      "batch (the center is a batch statistic), a lower --lr or a longer "
                      "--warmup_epochs, and --freeze_last_layer 1 or more",
@@ -63,13 +63,19 @@ class CollapseRule:
     trend over them does not head back to health: for uniform, ``H(P_t) / ln K`` has not fallen
     by more than ``trend_tolerance`` over those epochs (a healthy run starts near ``ln K`` and its
     teacher sharpens); for one-dimension, the batch-mean entropy ratio has not risen by more.
+    :class:`CollapseDetector` also ignores the learning-rate warm-up epochs, in which the teacher
+    has not yet had the chance to sharpen and the center is still settling.
+
+    Calibration (K = 1024, vit_tiny on the bundled photos): in the first epochs the teacher
+    entropy is 0.85-0.88 ln K with KL 0.6-0.75 nats (0.09-0.11 ln K); a run drifting to uniform
+    went to 0.94 ln K and KL 0.21 nats (0.03 ln K) with its loss back at 6.76 of ln K = 6.93.
     """
 
     patience: int = 3
-    uniform_ratio: float = 0.95
+    uniform_ratio: float = 0.9
     floor_ratio: float = 0.1
     batch_floor_ratio: float = 0.1
-    kl_ratio: float = 0.02
+    kl_ratio: float = 0.05
     trend_tolerance: float = 0.01
 
     def signature(self, record: dict, out_dim: int) -> str | None:
@@ -107,15 +113,18 @@ class CollapseRule:
 class CollapseDetector:
     """Feeds the per-epoch metrics to a :class:`CollapseRule` and words the warning, once."""
 
-    def __init__(self, out_dim: int, rule: CollapseRule | None = None):
-        self.out_dim, self.rule = out_dim, rule or CollapseRule()
+    def __init__(self, out_dim: int, rule: CollapseRule | None = None, start_epoch: int = 0):
+        self.out_dim, self.rule, self.start_epoch = out_dim, rule or CollapseRule(), start_epoch
         self.history: list[dict] = []
         self.collapse: str | None = None  # the first collapse found
         self.first_epoch: int | None = None
 
     def update(self, epoch: int, record: dict) -> str | None:
         """Add epoch ``epoch``'s metrics; return the warning the first time a collapse is
-        found (None otherwise, and None ever after)."""
+        found (None otherwise, and None ever after). Epochs before ``start_epoch`` (the
+        learning-rate warm-up) are not judged."""
+        if epoch < self.start_epoch:
+            return None
         self.history.append(record)
         if self.collapse is not None:
             return None
@@ -134,4 +143,4 @@ def warning(kind: str, epoch: int, record: dict, out_dim: int, patience: int) ->
             f"({record['teacher_entropy_ratio']:.1%} of ln K = {ln_k:.2f}), the batch uses "
             f"{record['prototypes_used']:.1f} of {out_dim} prototypes and KL(teacher || "
             f"student) is {record['kl']:.4f}: the features are no longer learning. "
-            f"The {HINTS[kind]}.")
+            f"{HINTS[kind]}.")

@@ -98,7 +98,8 @@ class TrainingMonitor:
     def __init__(self, args, knn=None):
         self.out_dim, self.output_dir = args.out_dim, args.output_dir
         self.meter = HealthMeter(args.out_dim)
-        self.detector = CollapseDetector(args.out_dim)
+        self.detector = CollapseDetector(args.out_dim,
+                                         start_epoch=min(args.warmup_epochs, args.epochs))
         self.stop_on_collapse = args.stop_on_collapse
         self.knn, self.knn_every = knn, args.knn_every
         self.main = dist_utils.is_main_process()

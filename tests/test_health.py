@@ -111,3 +111,36 @@ def test_recovering_one_dimension_trend_does_not_warn():
                 "batch_entropy": b * ln_k, "prototypes_used": math.exp(b * ln_k),
                 "center_norm": 1.0} for b in (0.01, 0.03, 0.05, 0.07, 0.09)]
     assert run_detector(records)[1].collapse is None
+
+
+def logged(ratios, kls, out_dim=1024) -> list[dict]:
+    """Per-epoch records with these entropy ratios and KLs (many prototypes in use)."""
+    ln_k = math.log(out_dim)
+    return [{"teacher_entropy": r * ln_k, "teacher_entropy_ratio": r, "kl": kl,
+             "batch_entropy": 0.97 * ln_k, "prototypes_used": out_dim * 0.8, "center_norm": 1.0}
+            for r, kl in zip(ratios, kls)]
+
+
+# Recorded per-epoch (H / ln K, KL) of a real run: vit_tiny, K = 1024, the bundled photos,
+# batch 8, lr 0.02, 3 warm-up epochs, 4 local crops at 64/32 px (the slow test's command, see
+# test_collapse_run.py); its loss climbed back to 6.76 of ln K = 6.93 (--norm_last_layer true
+# and false gave the same numbers to 3 decimals over these epochs).
+DRIFT_TO_UNIFORM = logged(
+    (0.861, 0.870, 0.876, 0.871, 0.881, 0.904, 0.897, 0.905, 0.909, 0.918, 0.932, 0.936),
+    (0.696, 0.688, 0.531, 0.450, 0.401, 0.334, 0.308, 0.311, 0.296, 0.295, 0.214, 0.248))
+
+
+def test_recorded_drift_to_uniform_is_flagged_after_warmup():
+    detector = CollapseDetector(1024, start_epoch=3)
+    messages = [detector.update(epoch, record) for epoch, record in enumerate(DRIFT_TO_UNIFORM)]
+    assert [i for i, m in enumerate(messages) if m] == [9]
+    assert messages[9].startswith("WARNING: uniform collapse at epoch 9")
+
+
+def test_warmup_epochs_are_not_judged():
+    """A collapse signature during the learning-rate warm-up counts for nothing."""
+    flat = logged([0.99] * 6, [0.01] * 6)
+    detector = CollapseDetector(1024, start_epoch=4)
+    messages = [detector.update(epoch, record) for epoch, record in enumerate(flat)]
+    assert messages == [None] * 6  # epochs 4 and 5 only: fewer than `patience`
+    assert len(detector.history) == 2

@@ -132,7 +132,7 @@ def test_stop_on_collapse_stops_with_a_checkpoint(tmp_path, monkeypatch, capsys)
     first epoch with its checkpoint and log line written."""
     always = CollapseRule(patience=1, uniform_ratio=0.0, kl_ratio=1e9)
     monkeypatch.setattr(monitor, "CollapseDetector",
-                        lambda out_dim: CollapseDetector(out_dim, always))
+                        lambda out_dim, start_epoch: CollapseDetector(out_dim, always))
     run_in_process(*RUN, "--epochs", 5, "--output_dir", tmp_path, "--stop_on_collapse")
     out = capsys.readouterr().out
     assert out.count("WARNING: uniform collapse at epoch 0") == 1
