@@ -135,6 +135,18 @@ class CollapseDetector:
         return warning(kind, epoch, record, self.out_dim, self.rule.patience)
 
 
+def first_warning_in_log(entries: list[dict], out_dim: int, start_epoch: int = 0) -> str | None:
+    """The collapse warning that ``log.txt`` entries (with ``train_``-prefixed metrics) would
+    have raised during training, or None."""
+    detector = CollapseDetector(out_dim, start_epoch=start_epoch)
+    for entry in entries:
+        record = {key.removeprefix("train_"): value for key, value in entry.items()}
+        message = detector.update(entry["epoch"], record)
+        if message:
+            return message
+    return None
+
+
 def warning(kind: str, epoch: int, record: dict, out_dim: int, patience: int) -> str:
     """The one warning for a collapse of ``kind`` found at ``epoch``."""
     ln_k = math.log(out_dim) if out_dim > 1 else 1.0

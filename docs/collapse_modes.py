@@ -14,7 +14,7 @@ import os
 import torch
 
 from dino_fast.curves import draw
-from dino_fast.health import CollapseDetector, epoch_health
+from dino_fast.health import epoch_health, first_warning_in_log
 from dino_fast.ops.dino_loss import dino_loss_with_health
 
 K, BATCH, NCROPS, EPOCHS = 1024, 32, 6, 30
@@ -51,25 +51,14 @@ def synthetic_log(mode: str, seed: int = 0) -> list[dict]:
     return entries
 
 
-def first_warning(entries: list[dict]) -> str | None:
-    """The collapse rule's warning over the synthetic log, if any."""
-    detector = CollapseDetector(K)
-    for entry in entries:
-        record = {k.removeprefix("train_"): v for k, v in entry.items()}
-        message = detector.update(entry["epoch"], record)
-        if message:
-            return message
-    return None
-
-
 def main():
     """Write both pictures next to this file and print the warnings."""
     folder = os.path.dirname(os.path.abspath(__file__))
     healthy = synthetic_log("healthy")
-    assert first_warning(healthy) is None
+    assert first_warning_in_log(healthy, K) is None
     for mode in ("uniform", "one-dimension"):
         collapsed = synthetic_log(mode, seed=1)
-        print(first_warning(collapsed))
+        print(first_warning_in_log(collapsed, K))
         draw({"healthy": healthy, f"{mode} collapse": collapsed},
              os.path.join(folder, f"collapse-{mode}.png"),
              title=f"{mode} collapse (synthetic logits, K = {K})")
