@@ -106,7 +106,7 @@ class TrainingMonitor:
         self.writer = open_tensorboard(args.output_dir) if args.tensorboard and self.main else None
         self.draw_curves = self.main and args.curves
         self.should_stop = False
-        self._epoch_start = time.perf_counter()
+        self._epoch_start, self._train_seconds = time.perf_counter(), 0.0
 
     def start_epoch(self):
         """Reset the meter and the clock."""
@@ -124,6 +124,7 @@ class TrainingMonitor:
     def end_epoch(self, epoch: int, last_epoch: bool, teacher_backbone) -> dict:
         """Per-epoch metrics for ``log.txt`` (every process gets the same ones); runs the k-NN
         when due and the collapse rule, logging the warning once (rank 0)."""
+        self._train_seconds = time.perf_counter() - self._epoch_start  # before the k-NN
         means = self.meter.epoch_means()
         if not means:
             return {}
@@ -143,11 +144,11 @@ class TrainingMonitor:
         """Rank 0, after the ``log.txt`` line: TensorBoard scalars and ``curves.png``."""
         if not self.main:
             return
-        seconds = time.perf_counter() - self._epoch_start
         if self.writer is not None:
             scalars = {**{k: v for k, v in entry.items() if k != "epoch"}, **extra_scalars}
             if "images" in scalars:
-                scalars["images_per_s"] = scalars.pop("images") / max(seconds, 1e-9)
+                scalars["images_per_s"] = scalars.pop("images") / max(self._train_seconds,
+                                                                       1e-9)
             for name, value in scalars.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(name, value, epoch)

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global crop side in pixels (official 224); smaller for quick CPU runs")
     p.add_argument("--local_crops_size", default=96, type=int,
                    help="local crop side in pixels (official 96)")
-    add_monitor_args(p)  # --knn_every --val_path --tensorboard --stop_on_collapse
+    add_monitor_args(p)  # --knn_every --val_path --tensorboard --stop_on_collapse --curves
     return p
 
 

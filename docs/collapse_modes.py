@@ -4,10 +4,10 @@ Each synthetic "epoch" is one step of the fused DINO loss on made-up logits (K =
 2 + 4 crops): a healthy run whose teacher sharpens while its images spread over the prototypes
 and whose student keeps a distance to it, against a run whose teacher drifts to the uniform
 distribution, or to one prototype for every image, while the student copies it. The log lines
-are what ``dino_fast.train`` writes (less lr, weight decay and center); the collapse rule of ``dino_fast.health`` runs over them and
-the epoch it names is printed.
+are what ``dino_fast.train`` writes (less lr, weight decay and center); the collapse rule of
+``dino_fast.health`` runs over them and the warnings it gives are printed.
 
-    python docs/collapse_modes.py   # writes docs/collapse-uniform.png, docs/collapse-one-dimension.png
+    python docs/collapse_modes.py   # docs/collapse-uniform.png, docs/collapse-one-dimension.png
 """
 import os
 
