@@ -152,3 +152,24 @@ def test_meter_means_and_bar_reads():
     assert meter.postfix() == first  # not read again before refresh_s
     means = meter.epoch_means()
     assert means == {name: 1.5 + i for i, name in enumerate(monitor.STEP_METRICS)}
+
+
+def test_missing_tensorboard_and_matplotlib_are_said_once(tmp_path, monkeypatch, capsys):
+    """Without the optional packages: one line each, no event files, no curves, no error."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_optional(name, *args, **kwargs):
+        if name.startswith(("torch.utils.tensorboard", "matplotlib")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optional)
+    (tmp_path / "log.txt").write_text('{"train_loss": 1.0, "epoch": 0}\n')
+    assert monitor.open_tensorboard(str(tmp_path)) is None
+    assert monitor.redraw_curves(str(tmp_path)) is False
+    out = capsys.readouterr().out
+    assert out.count("TensorBoard is not installed") == 1
+    assert out.count("matplotlib is not installed") == 1
+    assert not (tmp_path / "curves.png").exists()
