@@ -136,7 +136,9 @@ class TrainingMonitor:
         message = self.detector.update(epoch, record)
         if message:
             if self.main:
-                print(message, flush=True)
+                print(message + ("" if self.stop_on_collapse else
+                                 " Training goes on (--stop_on_collapse would stop it)."),
+                      flush=True)
             self.should_stop = self.stop_on_collapse
         return record
 
