@@ -135,13 +135,17 @@ class CollapseDetector:
         return warning(kind, epoch, record, self.out_dim, self.rule.patience)
 
 
+def log_record(entry: dict) -> dict:
+    """The per-epoch metrics of a ``log.txt`` entry (its ``train_`` prefixes dropped)."""
+    return {key.removeprefix("train_"): value for key, value in entry.items()}
+
+
 def first_warning_in_log(entries: list[dict], out_dim: int, start_epoch: int = 0) -> str | None:
     """The collapse warning that ``log.txt`` entries (with ``train_``-prefixed metrics) would
     have raised during training, or None."""
     detector = CollapseDetector(out_dim, start_epoch=start_epoch)
     for entry in entries:
-        record = {key.removeprefix("train_"): value for key, value in entry.items()}
-        message = detector.update(entry["epoch"], record)
+        message = detector.update(entry["epoch"], log_record(entry))
         if message:
             return message
     return None

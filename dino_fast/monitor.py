@@ -16,7 +16,7 @@ import time
 import torch
 
 from dino_fast import distributed as dist_utils
-from dino_fast.health import CollapseDetector, epoch_health
+from dino_fast.health import CollapseDetector, epoch_health, log_record
 
 STEP_METRICS = ("teacher_entropy", "kl", "batch_entropy", "center_norm")  # DINOLoss.health
 
@@ -128,19 +128,33 @@ class TrainingMonitor:
         means = self.meter.epoch_means()
         if not means:
             return {}
+        device = self.meter.total.device
         record = epoch_health(means, self.out_dim)
         if self.knn is not None and ((epoch + 1) % self.knn_every == 0 or last_epoch):
             top1 = self.knn(teacher_backbone) if self.main else None
             if top1 is not None:
                 record["knn_top1"] = top1
         message = self.detector.update(epoch, record)
-        if message:
-            if self.main:
-                print(message + ("" if self.stop_on_collapse else
-                                 " Training goes on (--stop_on_collapse would stop it)."),
-                      flush=True)
-            self.should_stop = self.stop_on_collapse
+        if message and self.main:
+            print(message + ("" if self.stop_on_collapse else
+                             " Training goes on (--stop_on_collapse would stop it)."), flush=True)
+        if self.stop_on_collapse:  # every process stops at the same epoch
+            self.should_stop = dist_utils.any_process(message is not None, device)
         return record
+
+    def resumed(self, start_epoch: int):
+        """After a resume: feed the collapse rule the epochs before ``start_epoch`` from
+        ``log.txt``, so that a signature held across the restart still counts."""
+        from dino_fast.curves import read_log
+
+        path = os.path.join(self.output_dir, "log.txt")
+        try:
+            entries = read_log(path)
+        except (OSError, ValueError):
+            return  # no earlier epochs (e.g. stopped inside the first one)
+        for entry in entries:
+            if entry.get("epoch", start_epoch) < start_epoch and "train_kl" in entry:
+                self.detector.update(entry["epoch"], log_record(entry))
 
     def after_log(self, entry: dict, epoch: int, extra_scalars: dict):
         """Rank 0, after the ``log.txt`` line: TensorBoard scalars and ``curves.png``."""

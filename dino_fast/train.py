@@ -224,6 +224,7 @@ def train(args) -> dict:
         start_epoch, start_step = resume(ckpt_path, student_module, teacher, optimizer,
                                          dino_loss, step.scaler)
         log(f"resuming from {ckpt_path} at epoch {start_epoch}, step {start_step}")
+        monitor.resumed(start_epoch)  # the collapse rule's history, from log.txt
     stats = {}
     with StopRequest() as stop:
         log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "

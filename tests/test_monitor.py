@@ -173,3 +173,15 @@ def test_missing_tensorboard_and_matplotlib_are_said_once(tmp_path, monkeypatch,
     assert out.count("TensorBoard is not installed") == 1
     assert out.count("matplotlib is not installed") == 1
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_collapse_history_survives_a_resume(tmp_path, monkeypatch, capsys):
+    """A signature held over epochs 0-1, then (after a restart) epoch 2: flagged at epoch 2."""
+    always = CollapseRule(patience=3, uniform_ratio=0.0, kl_ratio=1e9)
+    monkeypatch.setattr(monitor, "CollapseDetector",
+                        lambda out_dim, start_epoch: CollapseDetector(out_dim, always))
+    run_in_process(*RUN, "--output_dir", tmp_path)  # epochs 0 and 1
+    assert "collapse" not in capsys.readouterr().out
+    run_in_process(*RUN[:-1], 3, "--output_dir", tmp_path)  # resumes at epoch 2
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "WARNING: uniform collapse at epoch 2" in out
