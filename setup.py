@@ -58,14 +58,16 @@ ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's
 # opset-23 Attention node came in 1.25: older builds run that node on the CPU (README).
 ONNX_GPU = ["onnx>=1.18", "onnxruntime-gpu>=1.23", "onnxscript"]
 HF, TIMM = ["transformers>=4.40"], ["timm>=1.0"]
+MONITOR = ["tensorboard", "matplotlib"]  # --tensorboard, curves.png, python -m dino_fast.plot
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "onnx": ONNX,
     "onnx-gpu": ONNX_GPU,
     "hf": HF,
     "timm": TIMM,
+    "monitor": MONITOR,
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *HF, *TIMM],
+    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *HF, *TIMM, *MONITOR],
 }
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "onnx-gpu" for dep in deps})
 

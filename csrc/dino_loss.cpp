@@ -11,6 +11,8 @@
 // Float32 math; sums in float32 over short blocks and in float64 across them. Rows are
 // independent and their losses summed in a fixed order, so results do not depend on the thread
 // count. Inputs are float32 or bfloat16 (passed as its 16-bit pattern).
+// Optionally (health metrics, not used by the loss): each teacher row's entropy, computed in the
+// teacher softmax pass, and the teacher probabilities' mean over the rows.
 #include <omp.h>
 
 #include <algorithm>
@@ -110,10 +112,13 @@ DINO_FAST_INLINE float exp_block(float* values, int64_t start, int64_t end, floa
   return block_total;
 }
 
-// One teacher row: probs = softmax((logits - center) / temperature).
+// One teacher row: probs = softmax((logits - center) / temperature). When `entropy` is not
+// null it also gets the row's entropy -sum q log q = sum q (log(total) - (x - max)), with x
+// recomputed exactly as scaled_row computes it (the probabilities are not changed by it).
 template <typename In>
 DINO_FAST_INLINE void teacher_probs_row_impl(const In* logits, const float* center,
-                                             float temperature, int64_t k, float* probs) {
+                                             float temperature, int64_t k, float* probs,
+                                             float* entropy) {
   const float row_max = scaled_row(logits, center, temperature, k, probs);
   double total = 0.0;
   for (int64_t start = 0; start < k; start += kBlock)
@@ -121,15 +126,29 @@ DINO_FAST_INLINE void teacher_probs_row_impl(const In* logits, const float* cent
   const float inv_total = static_cast<float>(1.0 / total);
 #pragma omp simd
   for (int64_t i = 0; i < k; ++i) probs[i] *= inv_total;
+  if (!entropy) return;
+  const float log_total = static_cast<float>(std::log(total));
+  double weighted = 0.0;  // sum q (x - max), <= 0
+  for (int64_t start = 0; start < k; start += kBlock) {
+    const int64_t end = std::min(k, start + kBlock);
+    float block_weighted = 0.0f;
+#pragma omp simd reduction(+ : block_weighted)
+    for (int64_t i = start; i < end; ++i) {
+      const float x = (load_float(logits[i]) - center[i]) / temperature;
+      block_weighted += probs[i] * (x - row_max);
+    }
+    weighted += block_weighted;
+  }
+  *entropy = static_cast<float>(log_total - weighted);
 }
 
 DINO_FAST_CLONES void teacher_probs_row(const float* logits, const float* center, float temp,
-                                        int64_t k, float* probs) {
-  teacher_probs_row_impl(logits, center, temp, k, probs);
+                                        int64_t k, float* probs, float* entropy) {
+  teacher_probs_row_impl(logits, center, temp, k, probs, entropy);
 }
 DINO_FAST_CLONES void teacher_probs_row(const uint16_t* logits, const float* center, float temp,
-                                        int64_t k, float* probs) {
-  teacher_probs_row_impl(logits, center, temp, k, probs);
+                                        int64_t k, float* probs, float* entropy) {
+  teacher_probs_row_impl(logits, center, temp, k, probs, entropy);
 }
 
 // One student row against its weights w = use_q0 * q0 + use_q1 * q1: returns -w . ls and, when
@@ -200,6 +219,8 @@ struct LossArgs {
   int64_t batch, k, ncrops;
   float student_temp, teacher_temp;
   float* teacher_mean;  // (K,) output
+  float* teacher_entropy;  // (2B,) output, or null: the entropy of each teacher row
+  float* probs_mean;  // (K,) output, or null: the mean teacher probabilities over the rows
   int threads;
 };
 
@@ -210,8 +231,10 @@ double dino_loss_typed(const S* student, const T* teacher, S* grad, const LossAr
   std::vector<float> probs(static_cast<size_t>(2 * batch * k));  // (2B, K) teacher softmax
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < 2 * batch; ++r)
-    teacher_probs_row(teacher + r * k, a.center, a.teacher_temp, k, probs.data() + r * k);
+    teacher_probs_row(teacher + r * k, a.center, a.teacher_temp, k, probs.data() + r * k,
+                      a.teacher_entropy ? a.teacher_entropy + r : nullptr);
   column_mean(teacher, 2 * batch, k, a.teacher_mean, threads);
+  if (a.probs_mean) column_mean(probs.data(), 2 * batch, k, a.probs_mean, threads);
 
   const int64_t npairs = 2 * (ncrops - 1);
   const float scale = static_cast<float>(1.0 / (double{a.student_temp} * npairs * batch));
@@ -241,8 +264,10 @@ double dino_loss_typed(const S* student, const T* teacher, S* grad, const LossAr
 double dino_loss_fwd(const void* student, bool student_bf16, const void* teacher,
                      bool teacher_bf16, const float* center, int64_t batch, int64_t k,
                      int64_t ncrops, float student_temp, float teacher_temp, void* grad,
-                     float* teacher_mean, int threads) {
-  const LossArgs args{center, batch, k, ncrops, student_temp, teacher_temp, teacher_mean, threads};
+                     float* teacher_mean, float* teacher_entropy, float* probs_mean,
+                     int threads) {
+  const LossArgs args{center,       batch,           k,          ncrops, student_temp,
+                      teacher_temp, teacher_mean, teacher_entropy, probs_mean, threads};
   auto with_student = [&](auto* s, auto* g) {
     return teacher_bf16 ? dino_loss_typed(s, static_cast<const uint16_t*>(teacher), g, args)
                         : dino_loss_typed(s, static_cast<const float*>(teacher), g, args);

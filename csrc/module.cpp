@@ -13,7 +13,8 @@ namespace dino_fast {
 double dino_loss_fwd(const void* student, bool student_bf16, const void* teacher,
                      bool teacher_bf16, const float* center, int64_t batch, int64_t k,
                      int64_t ncrops, float student_temp, float teacher_temp, void* grad,
-                     float* teacher_mean, int threads);
+                     float* teacher_mean, float* teacher_entropy, float* probs_mean,
+                     int threads);
 void ema_(float* teacher, const float* student, int64_t n, float momentum, int threads);
 }  // namespace dino_fast
 
@@ -55,7 +56,8 @@ int64_t checked_positive(const char* name, int64_t value) {
 double dino_loss_fwd(const py::buffer& student, const py::buffer& teacher,
                      const py::buffer& center, const py::object& grad,
                      const py::buffer& teacher_mean, int64_t batch, int64_t k, int64_t ncrops,
-                     double student_temp, double teacher_temp, int threads) {
+                     double student_temp, double teacher_temp, int threads,
+                     const py::object& teacher_entropy, const py::object& probs_mean) {
   checked_positive("batch", batch);
   checked_positive("k", k);
   if (ncrops < 2) throw std::invalid_argument("ncrops must be >= 2");
@@ -72,12 +74,25 @@ double dino_loss_fwd(const py::buffer& student, const py::buffer& teacher,
     if (g.bf16 != s.bf16) throw std::invalid_argument("grad must have the student's dtype");
     grad_ptr = g.info.ptr;  // the numpy array behind `grad` keeps the memory alive
   }
+  float* entropy_ptr = nullptr;
+  float* probs_mean_ptr = nullptr;
+  if (!teacher_entropy.is_none()) {
+    Buffer e(teacher_entropy.cast<py::buffer>(), "teacher_entropy", true, false);
+    e.require_size("teacher_entropy", 2 * batch);
+    entropy_ptr = static_cast<float*>(e.info.ptr);
+  }
+  if (!probs_mean.is_none()) {
+    Buffer p(probs_mean.cast<py::buffer>(), "probs_mean", true, false);
+    p.require_size("probs_mean", k);
+    probs_mean_ptr = static_cast<float*>(p.info.ptr);
+  }
   py::gil_scoped_release release;
   return dino_fast::dino_loss_fwd(s.info.ptr, s.bf16, t.info.ptr, t.bf16,
                                   static_cast<const float*>(c.info.ptr), batch, k, ncrops,
                                   static_cast<float>(student_temp),
                                   static_cast<float>(teacher_temp), grad_ptr,
-                                  static_cast<float*>(mean.info.ptr), threads < 1 ? 1 : threads);
+                                  static_cast<float*>(mean.info.ptr), entropy_ptr,
+                                  probs_mean_ptr, threads < 1 ? 1 : threads);
 }
 
 void ema_(const py::buffer& teacher, const py::buffer& student, double momentum, int threads) {
@@ -95,9 +110,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("dino_loss_fwd", &dino_loss_fwd, py::arg("student"), py::arg("teacher"),
         py::arg("center"), py::arg("grad"), py::arg("teacher_mean"), py::arg("batch"),
         py::arg("k"), py::arg("ncrops"), py::arg("student_temp"), py::arg("teacher_temp"),
-        py::arg("threads"),
+        py::arg("threads"), py::arg("teacher_entropy") = py::none(),
+        py::arg("probs_mean") = py::none(),
         "Fused DINO loss on row-major [ncrops*B, K] student and [2B, K] teacher logits: returns "
-        "the loss, writes the teacher row mean and (unless grad is None) d loss / d student.");
+        "the loss, writes the teacher row mean and (unless grad is None) d loss / d student; "
+        "given float32 buffers, also each teacher row's entropy [2B] and the mean teacher "
+        "probabilities [K] (health metrics).");
   m.def("ema_", &ema_, py::arg("teacher"), py::arg("student"), py::arg("momentum"),
         py::arg("threads"),
         "teacher = momentum * teacher + (1 - momentum) * student, in place (flat float32).");

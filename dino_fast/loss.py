@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from dino_fast.distributed import all_reduce_mean
-from dino_fast.ops.dino_loss import dino_loss
+from dino_fast.ops.dino_loss import dino_loss_with_health
 
 
 def teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs):
@@ -24,6 +24,11 @@ class DINOLoss(nn.Module):
     The ``center`` buffer ``[1, out_dim]`` is saved in checkpoints as ``dino_loss``. Each forward
     uses the center of the previous steps, then updates it with the batch mean of the teacher
     logits (averaged over processes when torch.distributed is initialised).
+
+    After each forward, ``health`` holds that step's collapse diagnostics as 0-d device tensors
+    (read them when needed; nothing here waits for the device): ``teacher_entropy``, ``kl`` and
+    ``batch_entropy`` (``dino_fast.ops.dino_loss.health_metrics``) and ``center_norm``, the L2
+    norm of the center the step used.
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
@@ -37,12 +42,14 @@ class DINOLoss(nn.Module):
         # would become a data-dependent symbolic float)
         self.teacher_temp_schedule = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs).tolist()
+        self.health: dict[str, torch.Tensor] = {}
 
     def forward(self, student_output, teacher_output, epoch):
         """The loss of student logits ``[ncrops*B, K]`` against teacher logits ``[2*B, K]``."""
         temp = self.teacher_temp_schedule[epoch]
-        loss, teacher_mean = dino_loss(student_output, teacher_output, self.center,
-                                       self.ncrops, self.student_temp, temp)
+        loss, teacher_mean, health = dino_loss_with_health(
+            student_output, teacher_output, self.center, self.ncrops, self.student_temp, temp)
+        self.health = {**health, "center_norm": self.center.detach().norm()}
         self.update_center(teacher_mean)
         return loss
 

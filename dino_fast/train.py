@@ -27,6 +27,7 @@ from dino_fast.errors import add_debug_flag, command
 from dino_fast.flags import check_train_args
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
+from dino_fast.monitor import add_monitor_args, build_monitor
 from dino_fast.optim import build_optimizer, get_params_groups
 from dino_fast.progress import Progress
 from dino_fast.resume import check_output_dir, resume, start_position
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_crops_size", default=96, type=int,
                    help="local crop side in pixels (official 96)")
     add_debug_flag(p)
+    add_monitor_args(p)  # --knn_every --val_path --tensorboard --stop_on_collapse --curves
     return p
 
 
@@ -206,6 +208,9 @@ def train(args) -> dict:
         log(f"resuming from {ckpt_path} at epoch {start_epoch}, step {start_step}")
     if dist_utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+    monitor = build_monitor(args, device)  # checks the k-NN folders; TensorBoard writes there
+    if start_epoch or start_step:
+        monitor.resumed(start_epoch)  # the collapse rule's history, from log.txt
     stats = {}
     with StopRequest(interrupt_waits=world == 1) as stop:
         log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "
@@ -214,10 +219,14 @@ def train(args) -> dict:
         for epoch in range(start_epoch, args.epochs):
             first = start_step if epoch == start_epoch else 0
             loader.set_epoch(epoch, first)
+            monitor.start_epoch()
             stats, done = train_one_epoch(step, loader, epoch, first, iters_per_epoch,
                                           lr_schedule, wd_schedule, momentum_schedule, args,
-                                          stop)
+                                          stop, monitor)
             finished = done >= iters_per_epoch
+            if finished:  # health metrics, k-NN when due, collapse rule
+                stats.update(monitor.end_epoch(epoch, epoch == args.epochs - 1,
+                                               teacher.backbone))
             save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "epoch": epoch + 1 if finished else epoch, "args": dict(vars(args)),
@@ -226,10 +235,19 @@ def train(args) -> dict:
                 save_dict["fp16_scaler"] = step.scaler.state_dict()
             if dist_utils.is_main_process():
                 stats = save_and_log(save_dict, stats, epoch, finished, args)
+                if finished:
+                    monitor.after_log(stats, epoch, {
+                        "teacher_temp": dino_loss.teacher_temp_schedule[epoch],
+                        "momentum": float(momentum_schedule[(epoch + 1) * iters_per_epoch - 1]),
+                        "images": done * args.batch_size_per_gpu * world})
             if stop.agreed(device):
                 log(f"stopped by a signal after step {done} of epoch {epoch}; {ckpt_path} "
                     "written: run the same command to resume")
                 break
+            if monitor.should_stop:
+                log(f"stopped by --stop_on_collapse after epoch {epoch}; {ckpt_path} written")
+                break
+    monitor.close()
     return stats
 
 
@@ -253,7 +271,7 @@ def save_and_log(save_dict, stats, epoch, finished, args) -> dict:
 
 
 def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd_schedule,
-                    momentum_schedule, args, stop) -> tuple[dict, int]:
+                    momentum_schedule, args, stop, monitor) -> tuple[dict, int]:
     """Steps ``first`` .. ``iters_per_epoch - 1`` of ``epoch``, fewer when ``stop`` is requested
     (the current step is finished first); returns the means over the steps run and the index
     of the next step."""
@@ -270,12 +288,14 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
         seed_everything(epoch_seed(args.seed, it, dist_utils.get_rank()))
         loss = step(crops, epoch, float(lr_schedule[it]), float(wd_schedule[it]),
                     float(momentum_schedule[it]), it)  # Python floats: plain checkpoints
+        monitor.step(step.dino_loss)  # health metrics, summed on the device
         for key, value in (("loss", loss), ("lr", lr_schedule[it]), ("wd", wd_schedule[it])):
             totals[key] += float(value)
         done += 1
         n_images += crops[0].shape[0] * dist_utils.get_world_size()
         progress.update(loss=f"{loss:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                        img_s=f"{n_images / (time.perf_counter() - start):.1f}")
+                        img_s=f"{n_images / (time.perf_counter() - start):.1f}",
+                        **monitor.postfix())
         if stop.agreed(crops[0].device):
             break
     progress.close()

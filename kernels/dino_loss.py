@@ -3,7 +3,9 @@
 Contract (shared with the C++ kernel; see ``dino_fast/ops/dino_loss.py``)::
 
     dino_loss_fwd(student [S, K], teacher [2B, K], center [K], ncrops, student_temp,
-                  teacher_temp, need_grad) -> (loss [] f32, teacher_mean [K] f32, grad_student)
+                  teacher_temp, need_grad, need_health=False)
+      -> (loss [] f32, teacher_mean [K] f32, grad_student, teacher_entropy [2B] f32,
+          teacher_probs_mean [K] f32)
 
 No ``[pairs, B, K]`` tensor is ever built. With teacher probabilities ``q0, q1`` of sample ``b``
 and student log-probabilities ``ls_v`` of its ``ncrops`` views, the sum over the pairs
@@ -20,6 +22,12 @@ Three launches, each streaming over K in blocks (any K, not only powers of two):
 3. ``_dino_rows_kernel``, one program per student row: ``w_v . ls_v`` and the gradient row.
 Per-row loss partials are summed by torch, so the loss is deterministic (no atomics).
 Math is float32 whatever the input dtype; the gradient is stored in the student's dtype.
+
+With ``need_health`` a fourth launch, ``_teacher_health_kernel`` (one program per block of
+columns, reusing the teacher log-sum-exps of launch 1), reads the teacher once more (2B rows, a
+fraction ``2 / ncrops`` of what launch 3 reads) for the health outputs: each teacher row's
+entropy and the teacher probabilities' mean over the rows. The first three launches and their
+outputs are the same with or without it.
 """
 import torch
 import triton
@@ -102,6 +110,42 @@ def _dino_rows_kernel(student_ptr, teacher_ptr, center_ptr, student_lse_ptr, tea
     tl.store(loss_rows_ptr + row, loss_row)
 
 
+@triton.jit
+def _teacher_health_kernel(teacher_ptr, center_ptr, teacher_lse_ptr, probs_mean_ptr,
+                           entropy_parts_ptr, rows, K, stride_t, inv_teacher_temp,
+                           BLOCK_K: tl.constexpr):
+    """One block of columns over every teacher row: the rows' mean of ``q = exp(x - lse)``,
+    ``x = (t - c) / Tt``, and each row's share ``sum_k q (lse - x)`` of its entropy, written to
+    ``entropy_parts[block, row]`` (summed over the blocks by torch: deterministic)."""
+    block = tl.program_id(0)
+    k = block * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = k < K
+    c = tl.load(center_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    probs_sum = tl.zeros([BLOCK_K], tl.float32)
+    for r in range(0, rows):
+        lse = tl.load(teacher_lse_ptr + r)
+        t = tl.load(teacher_ptr + r * stride_t + k, mask=mask, other=0.0).to(tl.float32)
+        neg_log_q = lse - (t - c) * inv_teacher_temp  # -log q
+        q = tl.where(mask, tl.exp(-neg_log_q), 0.0)
+        probs_sum += q
+        tl.store(entropy_parts_ptr + block * rows + r, tl.sum(q * neg_log_q, axis=0))
+    tl.store(probs_mean_ptr + k, probs_sum / rows, mask=mask)
+
+
+def teacher_health(teacher: torch.Tensor, center: torch.Tensor, teacher_lse: torch.Tensor,
+                   teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entropy [2B], probs_mean [K])`` of the centered, sharpened teacher softmax, float32,
+    from its row log-sum-exps ``teacher_lse`` (``row_logsumexp(teacher, 1 / Tt, center)``)."""
+    rows, K = teacher.shape
+    block = min(256, triton.next_power_of_2(K))
+    blocks = triton.cdiv(K, block)
+    probs_mean = torch.empty(K, device=teacher.device, dtype=torch.float32)
+    parts = torch.empty(blocks, rows, device=teacher.device, dtype=torch.float32)
+    _teacher_health_kernel[(blocks,)](teacher, center, teacher_lse, probs_mean, parts, rows, K,
+                                      teacher.stride(0), 1.0 / teacher_temp, BLOCK_K=block)
+    return parts.sum(dim=0), probs_mean
+
+
 def _launch_config(K: int) -> tuple[int, int]:
     """``(BLOCK_K, num_warps)``: blocks of up to 4096 columns, 8 warps for the large ones."""
     block = min(_MAX_BLOCK_K, triton.next_power_of_2(K))
@@ -126,8 +170,10 @@ def row_logsumexp(x: torch.Tensor, scale: float, center: torch.Tensor | None = N
 
 
 def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                  ncrops: int, student_temp: float, teacher_temp: float, need_grad: bool):
-    """Fused DINO loss: ``(loss, teacher_mean, grad_student)`` per the module contract.
+                  ncrops: int, student_temp: float, teacher_temp: float, need_grad: bool,
+                  need_health: bool = False):
+    """Fused DINO loss: ``(loss, teacher_mean, grad_student, teacher_entropy,
+    teacher_probs_mean)`` per the module contract (the last two empty without ``need_health``).
 
     ``student [ncrops*B, K]``, ``teacher [2B, K]`` (any float dtype, rows may be strided),
     ``center [K]``. Shapes are checked by the op (``dino_fast.ops.dino_loss.check_shapes``).
@@ -150,4 +196,8 @@ def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
         NCROPS=ncrops, NEED_GRAD=need_grad, BLOCK_K=block, num_warps=warps)
     loss = loss_rows.sum() / (npairs * B)
     teacher_mean = teacher.sum(dim=0, dtype=torch.float32) / teacher.shape[0]  # (K,)
-    return loss, teacher_mean, grad
+    if need_health:
+        entropy, probs_mean = teacher_health(teacher, center, teacher_lse, teacher_temp)
+    else:
+        entropy, probs_mean = teacher_lse.new_empty(0), teacher_lse.new_empty(0)  # no aliases
+    return loss, teacher_mean, grad, entropy, probs_mean

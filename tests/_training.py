@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-# vit_tiny on 32 px global / 16 px local crops, K = 32: about half a second per step on one core.
+# vit_tiny on 32 px global / 16 px local crops, K = 32: about half a second per step on one core;
+# no curves.png (matplotlib would add seconds per run; tests/test_monitor.py draws it).
 TINY_RUN = ["--arch", "vit_tiny", "--out_dim", "32", "--local_crops_number", "1",
             "--global_crops_size", "32", "--local_crops_size", "16", "--num_workers", "0",
             "--saveckp_freq", "0", "--warmup_epochs", "0", "--loader", "torch", "--device", "cpu",
-            "--seed", "0"]
+            "--seed", "0", "--no-curves"]
 
 
 def make_images(folder, count: int, seed: int = 0):

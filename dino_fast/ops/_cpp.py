@@ -32,7 +32,8 @@ def _view(x: torch.Tensor):
     return (x.view(torch.uint16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
-def dino_loss_fwd(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad):
+def dino_loss_fwd(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad,
+                  need_health=False):
     """The DINO loss kernel contract (``dino_fast.ops.dino_loss``) on CPU tensors, in C++."""
     out_dtype = student.dtype
     student, teacher = _kernel_input(student), _kernel_input(teacher)
@@ -40,13 +41,17 @@ def dino_loss_fwd(student, teacher, center, ncrops, student_temp, teacher_temp, 
     batch, k = teacher.shape[0] // 2, student.shape[1]
     teacher_mean = torch.empty(k, dtype=torch.float32)
     grad = torch.empty_like(student) if need_grad else None
+    entropy = torch.empty(2 * batch if need_health else 0, dtype=torch.float32)
+    probs_mean = torch.empty(k if need_health else 0, dtype=torch.float32)
+    health = ({"teacher_entropy": _view(entropy), "probs_mean": _view(probs_mean)}
+              if need_health else {})
     with torch.profiler.record_function("dino_fast::cpp_dino_loss_fwd"):
         loss = _module().dino_loss_fwd(_view(student), _view(teacher), _view(center),
                                        None if grad is None else _view(grad),
                                        _view(teacher_mean), batch, k, ncrops, float(student_temp),
-                                       float(teacher_temp), torch.get_num_threads())
+                                       float(teacher_temp), torch.get_num_threads(), **health)
     grad = student.new_empty(0, dtype=out_dtype) if grad is None else grad.to(out_dtype)
-    return torch.tensor(loss, dtype=torch.float32), teacher_mean, grad
+    return torch.tensor(loss, dtype=torch.float32), teacher_mean, grad, entropy, probs_mean
 
 
 def ema_(teacher, student, momentum):

@@ -7,16 +7,23 @@ Layers of this file, top to bottom:
 2. ``dino_fast::dino_loss_fwd``: a ``torch.library`` custom op returning the loss, the teacher mean
    and the student gradient, computed by the Triton kernel (``dino_fast.kernels.dino_loss``), the
    C++ kernel (``dino_fast._C`` via ``dino_fast.ops._cpp``) or the reference, as dispatched.
-3. ``dino_loss``: the public function, with autograd.
+3. ``dino_loss`` and ``dino_loss_with_health``: the public functions, with autograd.
 
 Kernel contract (Triton and C++ alike)::
 
     dino_loss_fwd(student [S, K], teacher [2B, K], center [K], ncrops, student_temp,
-                  teacher_temp, need_grad)
+                  teacher_temp, need_grad, need_health=False)
       -> loss [] float32, teacher_mean [K] float32,
-         grad_student [S, K] in student's dtype (d loss / d student; shape [0] if not need_grad)
+         grad_student [S, K] in student's dtype (d loss / d student; shape [0] if not need_grad),
+         teacher_entropy [2B] float32 (each teacher row's entropy; [0] if not need_health),
+         teacher_probs_mean [K] float32 (the rows' mean teacher softmax; [0] if not need_health)
 
 with S = ncrops * B, rows ordered view-major (g1, g2, l1, ..., each B rows), inputs contiguous.
+
+The health outputs give the collapse diagnostics of the DINO paper (section 5.3) at almost no
+cost: each pair's ``KL(P_t || P_s) = CE(P_t, P_s) - H(P_t)``, and every teacher view meets the
+same number of student views, so the mean KL over the loss's pairs is ``loss - mean H(P_t)``
+(see ``health_metrics``). Asking for them never changes the other outputs.
 """
 import torch
 import torch.nn.functional as F
@@ -50,6 +57,26 @@ def dino_loss_reference(student: torch.Tensor, teacher: torch.Tensor, center: to
     return sum(terms.values()) / len(terms), teacher_mean
 
 
+def teacher_health_reference(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float):
+    """``(entropy [2B], probs_mean [K])``: the entropy ``-sum_k q log q`` of each centered,
+    sharpened teacher row ``q``, and the mean of those rows (the batch-mean teacher output)."""
+    log_probs = F.log_softmax((_upcast(teacher).detach() - center) / teacher_temp, dim=-1)
+    probs = log_probs.exp()
+    return -(probs * log_probs).sum(dim=-1), probs.mean(dim=0)
+
+
+def health_metrics(loss: torch.Tensor, teacher_entropy: torch.Tensor,
+                   teacher_probs_mean: torch.Tensor) -> dict:
+    """The per-step health scalars (device tensors, no host sync) from the op's outputs:
+    ``teacher_entropy`` (mean ``H(P_t)`` over the teacher rows, nats), ``kl`` (mean
+    ``KL(P_t || P_s)`` over the loss's pairs) and ``batch_entropy`` (``H`` of the batch-mean
+    teacher distribution; its ``exp`` is the number of prototypes in use)."""
+    entropy = teacher_entropy.mean()
+    batch_entropy = -torch.special.xlogy(teacher_probs_mean, teacher_probs_mean).sum()
+    return {"teacher_entropy": entropy, "kl": loss.detach() - entropy,
+            "batch_entropy": batch_entropy}
+
+
 def check_shapes(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int):
     """Raise a clear error when the logits do not form ``ncrops`` student and 2 teacher views."""
     if ncrops < 2:
@@ -79,24 +106,31 @@ def _reference_grad(student, teacher, center, ncrops, student_temp, teacher_temp
     return (grad / scale).view_as(student).to(student.dtype)
 
 
-def _reference_fwd(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad):
+def _reference_fwd(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad,
+                   need_health=False):
     """The kernel contract computed with the reference (any device)."""
     loss, teacher_mean = dino_loss_reference(student.detach(), teacher, center, ncrops,
                                              student_temp, teacher_temp)
     grad = (_reference_grad(student, teacher, center, ncrops, student_temp, teacher_temp)
             if need_grad else student.new_empty(0))
-    return loss.float(), teacher_mean.float(), grad
+    if need_health:
+        entropy, probs_mean = teacher_health_reference(teacher, center, teacher_temp)
+    else:
+        entropy, probs_mean = teacher.new_empty(0), teacher.new_empty(0)  # outputs never alias
+    return loss.float(), teacher_mean.float(), grad, entropy.float(), probs_mean.float()
 
 
 @torch.library.custom_op("dino_fast::dino_loss_fwd", mutates_args=())
 def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                  ncrops: int, student_temp: float, teacher_temp: float,
-                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss, teacher mean and student gradient in one call (see the module docstring)."""
+                  ncrops: int, student_temp: float, teacher_temp: float, need_grad: bool,
+                  need_health: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor]:
+    """Loss, teacher mean, student gradient and the health outputs in one call (see the module
+    docstring)."""
     check_shapes(student, teacher, center, ncrops)  # the kernels index rows by these shapes
     student, teacher, center = student.contiguous(), teacher.contiguous(), center.contiguous()
     backend = _backend.resolve("dino_loss", student.device)
-    args = (student, teacher, center, ncrops, student_temp, teacher_temp, need_grad)
+    args = (student, teacher, center, ncrops, student_temp, teacher_temp, need_grad, need_health)
     if backend == "triton":
         from dino_fast.kernels.dino_loss import dino_loss_fwd as triton_fwd
         return triton_fwd(*args)
@@ -107,11 +141,14 @@ def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
 
 
 @dino_loss_fwd.register_fake
-def _(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad):
+def _(student, teacher, center, ncrops, student_temp, teacher_temp, need_grad, need_health=False):
     check_shapes(student, teacher, center, ncrops)
     grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    health_rows, health_k = (teacher.shape[0], center.numel()) if need_health else (0, 0)
     return (student.new_empty((), dtype=torch.float32),
-            center.new_empty(center.numel(), dtype=torch.float32), grad)
+            center.new_empty(center.numel(), dtype=torch.float32), grad,
+            teacher.new_empty(health_rows, dtype=torch.float32),
+            teacher.new_empty(health_k, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -119,11 +156,11 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled [S, K] grad for the unused outputs
 
 
-def _backward(ctx, grad_loss, grad_teacher_mean, grad_grad):
+def _backward(ctx, grad_loss, grad_teacher_mean, grad_grad, grad_entropy, grad_probs_mean):
     (grad_student,) = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 7
-    return (grad_student * grad_loss.to(grad_student.dtype),) + (None,) * 6
+        return (None,) * 8
+    return (grad_student * grad_loss.to(grad_student.dtype),) + (None,) * 7
 
 
 dino_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -137,6 +174,21 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
     the float32 mean of the teacher rows ``[K]`` for the center update. ``center`` is ``[K]`` or
     ``[1, K]``. Dispatched by ``DINO_FAST_BACKEND``; the result matches the reference.
     """
+    loss, teacher_mean, _ = _dino_loss(student, teacher, center, ncrops, student_temp,
+                                       teacher_temp, need_health=False)
+    return loss, teacher_mean
+
+
+def dino_loss_with_health(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                          ncrops: int, student_temp: float, teacher_temp: float):
+    """:func:`dino_loss` plus ``health``, the dict of :func:`health_metrics` (0-d tensors on the
+    logits' device); ``loss`` and ``teacher_mean`` are the same bits as ``dino_loss`` gives."""
+    return _dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp,
+                      need_health=True)
+
+
+def _dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp, need_health):
+    """``(loss, teacher_mean, health dict or None)`` through the dispatched backend."""
     center = center.reshape(-1)
     check_shapes(student, teacher, center, ncrops)
     if student.dtype == torch.float16:
@@ -144,8 +196,12 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
         # loss scaler multiplies them: compute it in float32, cast back after the scaling.
         student = student.float()
     if _backend.resolve("dino_loss", student.device) == "reference":
-        return dino_loss_reference(student, teacher, center, ncrops, student_temp, teacher_temp)
-    loss, teacher_mean, _ = dino_loss_fwd(student, teacher.detach(), center.detach(), ncrops,
-                                          float(student_temp), float(teacher_temp),
-                                          student.requires_grad and torch.is_grad_enabled())
-    return loss, teacher_mean
+        loss, teacher_mean = dino_loss_reference(student, teacher, center, ncrops, student_temp,
+                                                 teacher_temp)
+        health = (health_metrics(loss, *teacher_health_reference(teacher, center, teacher_temp))
+                  if need_health else None)
+        return loss, teacher_mean, health
+    loss, teacher_mean, _, entropy, probs_mean = dino_loss_fwd(
+        student, teacher.detach(), center.detach(), ncrops, float(student_temp),
+        float(teacher_temp), student.requires_grad and torch.is_grad_enabled(), need_health)
+    return loss, teacher_mean, (health_metrics(loss, entropy, probs_mean) if need_health else None)
