@@ -281,7 +281,9 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
 
 
 def parse_ptxas(log: str) -> dict:
-    """Registers per thread, stack frame and spill bytes from ``ptxas -v`` output."""
+    """Registers per thread, stack frame and spill bytes of the entry function (the kernel)
+    from ``ptxas -v`` output."""
+    log = log[log.find("Compiling entry function"):]
     used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
     if used is None or spill is None:
         raise ValueError(f"unexpected ptxas output: {log[-300:]}")
@@ -359,86 +361,3 @@ def compile_all(cases: list[Case], jobs: int | None = None) -> list[dict]:
             futures = {i: pool.submit(compile_case, cases[i]) for i in order}
             rows = {i: future.result() for i, future in futures.items()}
     return [rows[i] for i in range(len(cases))]
-
-
-# ---------------------------------------------------------------------------------------------
-# occupancy
-# ---------------------------------------------------------------------------------------------
-def resident_warps(registers: int, warps: int, shared: int, arch: int = 90) -> dict:
-    """Resident warps per SM and what limits them (CUDA occupancy rules for sm_80/sm_90: 64K
-    registers allocated per warp in units of 256, 64 warps, 32 blocks, shared memory per SM
-    (228 KiB sm_90, 164 KiB sm_80) with 1 KiB reserved per block)."""
-    regs_per_warp = -(-registers * 32 // 256) * 256
-    limits = {"registers": (65536 // regs_per_warp) // warps if regs_per_warp else 32,
-              "warps": 64 // warps, "blocks": 32,
-              "shared": ({90: 228, 80: 164}[arch] * 1024) // (shared + 1024)}
-    blocks = min(limits.values())
-    limiter = min(limits, key=limits.get)
-    return {"warps": blocks * warps, "limit": limiter}
-
-
-# ---------------------------------------------------------------------------------------------
-# case sets
-# ---------------------------------------------------------------------------------------------
-def table_cases() -> list[Case]:
-    """The resource table (sm_90, every candidate): every dtype class at DINO's head dim 64,
-    batched and (bf16) packed; bfloat16 and both float32 classes at the padded head dims 80
-    (to 128) and 256 (float16 compiles as bfloat16 there); the loss and the EMA."""
-    return (attention_cases(attention_inputs(layouts=("batched",)))
-            + attention_cases(attention_inputs(("bf16",), layouts=("packed",)))
-            + attention_cases(attention_inputs(("bf16", "fp32"), (80, 256), ("batched",)))
-            + loss_cases() + ema_cases())
-
-
-def ci_cases() -> list[Case]:
-    """What CI checks (under 2 minutes of compilation on 2 idle cores). sm_90: every candidate
-    of the training dtypes (bf16, fp16) and of exact float32 at DINO's head dim (64); the pinned
-    candidate of TF32 float32, of bf16 packed and of bf16 at the padded head dims 80 and 256.
-    sm_80: the pinned bf16 and exact-float32 candidates. The loss and the EMA on both. The
-    resource table covers every candidate of every class on sm_90."""
-    every = [v for v in attention_inputs(layouts=("batched",)) if dict(v)["class"] != "tf32"
-             or dict(v)["dtype"] != "fp32"]
-    tf32 = [v for v in attention_inputs(("fp32",), layouts=("batched",))
-            if dict(v)["class"] == "tf32"]
-    pinned = (tf32 + attention_inputs(("bf16",), layouts=("packed",))
-              + attention_inputs(("bf16",), (80, 256), ("batched",)))
-    sm80 = [v for v in attention_inputs(("bf16", "fp32"), layouts=("batched",))
-            if dict(v)["class"] != "tf32"]
-    return (attention_cases(every) + attention_cases(pinned, pinned=True)
-            + attention_cases(sm80, archs=(80,), pinned=True)
-            + loss_cases((90, 80)) + ema_cases((90, 80)))
-
-
-def attention_test_inputs() -> list[tuple]:
-    """The attention inputs ``tests/test_attention.py`` launches on a CUDA machine (float32
-    there means exact products, torch's default), to count what its first run compiles."""
-    def batched(dtype, batch, heads, seqlen, head_dim, qkv="vit"):
-        return (("dtype", dtype), ("class", "half" if dtype != "fp32" else "ieee"),
-                ("head_dim", head_dim), ("layout", "batched"), ("batch", batch),
-                ("heads", heads), ("seqlen", seqlen), ("qkv", qkv))
-
-    def packed(dtype, heads, head_dim, lengths):
-        return (("dtype", dtype), ("class", "half" if dtype != "fp32" else "ieee"),
-                ("head_dim", head_dim), ("layout", "packed"), ("heads", heads),
-                ("lengths", tuple(lengths)))
-
-    inputs = [batched("fp32", *shape) for shape in [  # matches_reference, large logits, lse...
-        (2, 2, 1, 32), (2, 3, 37, 48), (1, 2, 37, 64), (1, 1, 37, 80), (1, 1, 197, 64),
-        (1, 1, 197, 32), (1, 2, 37, 32), (1, 2, 19, 32), (1, 2, 37, 48), (2, 2, 37, 32),
-        (2, 2, 17, 48), (2, 2, 10, 48)]]
-    inputs += [batched("fp32", 2, 2, 37, 32, qkv) for qkv in ("transposed", "contiguous")]
-    inputs += [packed("fp32", 2, 32, [37, 1, 0, 20, 5]), packed("fp32", 2, 48, [17, 10, 10]),
-               packed("fp32", 2, 32, [7, 12]), packed("fp32", 2, 32, [37, 37])]
-    inputs += [batched(dtype, 4, 3, seqlen, head_dim) for dtype in ("fp16", "bf16")
-               for seqlen in (1, 37, 197, 785) for head_dim in (32, 48, 64, 80, 96, 128)]
-    inputs += [packed(dtype, 6, 64, [197, 197, 37, 37, 37, 1]) for dtype in ("fp16", "bf16")]
-    return inputs
-
-
-def pinned_test_cases() -> list[Case]:
-    """The distinct sm_90 compilations of ``tests/test_attention.py`` on CUDA with
-    ``DINO_FAST_AUTOTUNE=off``."""
-    return attention_cases(attention_test_inputs(), pinned=True)
-
-
-CASE_SETS = {"table": table_cases, "ci": ci_cases, "pinned-tests": pinned_test_cases}

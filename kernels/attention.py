@@ -28,14 +28,15 @@ attention is free). ``lse`` is float32, ``[B, heads, N]`` (batched) or ``[heads,
 
 Tiles: a head dim that is not a power of two is padded to the next one with masks (48 -> 64,
 80 and 96 -> 128); sequence lengths need no padding. On a GPU the tile sizes are autotuned once
-per (length, head dim, layout, dtype, matmul precision) among the candidates of the input's class
-(``_TILES``: half precision, float32 with TF32, float32 with exact products, the last with
-smaller tiles that do not spill), less those whose operands would not fit in shared memory at
-that head dim, dropped before compiling (``candidates``). ``TRITON_PRINT_AUTOTUNING=1`` prints
-the choice. ``DINO_FAST_AUTOTUNE=off`` (read when a shape is first launched) pins each kernel
-to the first candidate of the class, so a new shape compiles one kernel and times nothing (the
-GPU correctness tests); the interpreter always runs that one. ``benchmarks/kernel_resources.py``
-compiles every candidate for sm_90 without a GPU and prints registers, spills and occupancy.
+per (length, head dim, layout, dtype, matmul precision) among the candidates of the input's
+class (``_TENSOR_CORE_TILES`` for half precision and float32 with TF32, the smaller
+``_EXACT_FP32_TILES`` for float32 with exact products), less those whose operands would not fit
+in shared memory at that head dim, dropped before compiling (``candidates``).
+``TRITON_PRINT_AUTOTUNING=1`` prints the choice. ``DINO_FAST_AUTOTUNE=off`` (read when a shape
+is first launched) pins each kernel to the first candidate of the class, so a new shape compiles
+one kernel and times nothing (the GPU correctness tests); the interpreter always runs that one.
+``benchmarks/kernel_resources.py`` compiles every candidate for sm_90 without a GPU and prints
+registers, spills and occupancy.
 """
 
 import os
@@ -269,18 +270,18 @@ def _attn_bwd_dq_kernel(
 # that fits an input's head dim is pinned (DINO_FAST_AUTOTUNE=off, the interpreter). Exact
 # float32 products run on FMA units with the operands in registers: their own small tiles keep
 # them from spilling on sm_90 at head dim 64 (benchmarks/results/2026-11-30-sm90-resources.md).
-_TILES = {
-    "fwd": {"half": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-                     (64, 32, 4, 2)],
-            "tf32": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-                     (64, 32, 4, 2)],
-            "ieee": [(32, 32, 4, 2), (64, 16, 4, 2)]},
-    "dkdv": {"half": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
-             "tf32": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
-             "ieee": [(32, 32, 4, 2), (16, 32, 4, 2)]},
-    "dq": {"half": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
-           "tf32": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
-           "ieee": [(32, 32, 4, 2), (32, 16, 4, 2)]},
+# At DINO's head dim (64) no candidate spills (tests/test_kernel_compile.py). At wider heads some
+# do (up to ~2 KB in half precision, up to 20 KB in the exact-float32 forward); they stay because
+# the ViTs DINO trains have head dim 64 and, when autotuning, a spilling tile loses to the others.
+_TENSOR_CORE_TILES = {  # half precision and TF32
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+}
+_EXACT_FP32_TILES = {
+    "fwd": [(32, 32, 4, 2), (64, 16, 4, 2)],
+    "dkdv": [(32, 32, 4, 2), (16, 32, 4, 2)],
+    "dq": [(32, 32, 4, 2), (32, 16, 4, 2)],
 }
 # Tiles whose operands would pass this much shared memory are dropped before compiling (they
 # cannot load on an A100, 163 KiB per block, and barely on an H100, 227 KiB).
@@ -322,7 +323,9 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, dot_precision: st
     every candidate of its class that fits the head dim when autotuning (default:
     :func:`autotuning`, never in the interpreter, where timing means nothing), else the first."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiles = [tile for tile in _TILES[kernel][operand_class(dtype, dot_precision)]
+    table = _EXACT_FP32_TILES if operand_class(dtype, dot_precision) == "ieee" \
+        else _TENSOR_CORE_TILES
+    tiles = [tile for tile in table[kernel]
              if _shared_bytes(kernel, tile, block_d, dtype.itemsize) <= _SHARED_BUDGET]
     tiles = tiles or [_FALLBACK[kernel]]
     if autotune is None:
@@ -339,7 +342,7 @@ def _autotuned(kernel: str, fn):
         return candidates(kernel, named_args["Q"].dtype, kwargs["HEAD_DIM"],
                           kwargs["DOT_PRECISION"])
 
-    every = {tile for tiles in _TILES[kernel].values() for tile in tiles}
+    every = {*_TENSOR_CORE_TILES[kernel], *_EXACT_FP32_TILES[kernel]}
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in sorted(every)]
     return triton.autotune(configs, key=_TUNE_KEY,

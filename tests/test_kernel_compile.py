@@ -2,10 +2,10 @@
 GPU: it compiles, its shared memory fits the chip's per-block limit, and no candidate that the
 autotuner may pick at DINO's shapes spills registers.
 
-The cases are ``benchmarks.kernel_compile.ci_cases`` (the attention cases come from the
-launchers themselves); they compile once, in a subprocess without ``TRITON_INTERPRET`` (which
-replaces ``@triton.jit`` functions), through ``python -m benchmarks.kernel_resources --set ci``,
-and every test reads that run. Triton's cache makes a second run quick.
+The cases are ``ci_cases`` of ``benchmarks/kernel_resources.py`` (the attention cases come from
+the launchers themselves). They compile once, in a subprocess without ``TRITON_INTERPRET``
+(which replaces ``@triton.jit`` functions): ``python -m benchmarks.kernel_resources --set ci``;
+every test reads that run. Triton's cache makes a second run quick.
 """
 import importlib.util
 import json
