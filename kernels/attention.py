@@ -267,20 +267,21 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class:
 # "half" (float16 / bfloat16), "tf32" and "ieee" (float32 with TF32 or exact products). The first
-# that fits an input's head dim is pinned (DINO_FAST_AUTOTUNE=off, the interpreter). Exact
-# float32 products run on FMA units with the operands in registers: their own small tiles keep
-# them from spilling on sm_90 at head dim 64 (benchmarks/results/2026-11-30-sm90-resources.md).
-# At DINO's head dim (64) no candidate spills (tests/test_kernel_compile.py). At wider heads some
-# do (up to ~2 KB in half precision, up to 20 KB in the exact-float32 forward); they stay because
-# the ViTs DINO trains have head dim 64 and, when autotuning, a spilling tile loses to the others.
+# that fits an input's head dim is pinned (DINO_FAST_AUTOTUNE=off, the interpreter), chosen to
+# spill at no head dim up to 128 where the class allows. Exact float32 products run on FMA units
+# with the operands in registers: their own small tiles keep them from spilling on sm_90 at head
+# dim 64 (benchmarks/results/2026-11-30-sm90-resources.md). At DINO's head dim (64) no candidate
+# spills (tests/test_kernel_compile.py). At wider heads some do (up to ~2 KB in half precision,
+# up to 20 KB in the exact-float32 forward); they stay because the ViTs DINO trains have head dim
+# 64 and, when autotuning, a spilling tile loses to the others.
 _TENSOR_CORE_TILES = {  # half precision and TF32
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
     "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
 }
 _EXACT_FP32_TILES = {
     "fwd": [(32, 32, 4, 2), (64, 16, 4, 2)],
-    "dkdv": [(32, 32, 4, 2), (16, 32, 4, 2)],
+    "dkdv": [(16, 32, 4, 2), (32, 32, 4, 2)],
     "dq": [(32, 32, 4, 2), (32, 16, 4, 2)],
 }
 # Tiles whose operands would pass this much shared memory are dropped before compiling (they
