@@ -28,9 +28,19 @@ attention is free). ``lse`` is float32, ``[B, heads, N]`` (batched) or ``[heads,
 
 Tiles: a head dim that is not a power of two is padded to the next one with masks (48 -> 64,
 80 and 96 -> 128); sequence lengths need no padding. On a GPU the tile sizes are autotuned once
-per (length, head dim, layout, dtype): the first call of a new shape compiles a dozen variants
-(``TRITON_PRINT_AUTOTUNING=1`` prints the choice).
+per (length, head dim, layout, dtype, matmul precision) among the candidates of the input's
+class (``_TENSOR_CORE_TILES`` for half precision and float32 with TF32, the smaller
+``_EXACT_FP32_TILES`` for float32 with exact products), less those whose operands would not fit
+in shared memory at that head dim, dropped before compiling (``candidates``).
+``TRITON_PRINT_AUTOTUNING=1`` prints the choice. ``DINO_FAST_AUTOTUNE=off`` (read when a shape
+is first launched) pins each kernel to the first candidate of the class, so a new shape compiles
+one kernel and times nothing (the GPU correctness tests); the interpreter always runs that one.
+``benchmarks/kernel_resources.py`` compiles every candidate for sm_90 without a GPU and prints
+registers, spills and occupancy.
 """
+
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -255,28 +265,97 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # launch configurations
 # ---------------------------------------------------------------------------------------------
-def _configs(tiles, interpreted_tile):
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` on a GPU; one small
-    tile in the CPU interpreter, where tuning would only cost time."""
-    if triton_interpreting():
-        tiles = [interpreted_tile]
+# Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class:
+# "half" (float16 / bfloat16), "tf32" and "ieee" (float32 with TF32 or exact products). The first
+# that fits an input's head dim is pinned (DINO_FAST_AUTOTUNE=off, the interpreter), chosen to
+# spill at no head dim up to 128 where the class allows. Exact float32 products run on FMA units
+# with the operands in registers: their own small tiles keep them from spilling on sm_90 at head
+# dim 64 (benchmarks/results/2026-11-30-sm90-resources.md). At DINO's head dim (64) no candidate
+# spills (tests/test_kernel_compile.py). At wider heads some do (up to ~2 KB in half precision,
+# up to 20 KB in the exact-float32 forward); they stay because the ViTs DINO trains have head dim
+# 64 and, when autotuning, a spilling tile loses to the others.
+_TENSOR_CORE_TILES = {  # half precision and TF32
+    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+}
+_EXACT_FP32_TILES = {
+    "fwd": [(32, 32, 4, 2), (64, 16, 4, 2)],
+    "dkdv": [(16, 32, 4, 2), (32, 32, 4, 2)],
+    "dq": [(32, 32, 4, 2), (32, 16, 4, 2)],
+}
+# Tiles whose operands would pass this much shared memory are dropped before compiling (they
+# cannot load on an A100, 163 KiB per block, and barely on an H100, 227 KiB).
+_SHARED_BUDGET = 160 * 1024
+# Where no candidate of a class fits (float32 at head dim 256): the smallest tiles.
+_FALLBACK = {"fwd": (64, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
+
+
+def _shared_bytes(kernel: str, tile: tuple, block_d: int, itemsize: int) -> int:
+    """Shared memory of a tile's operands: the streamed ones once per pipeline stage (K, V in
+    the forward and dQ; Q, dO in dK/dV), the resident ones once (a conservative estimate)."""
+    block_m, block_n, _, stages = tile
+    rows = {"fwd": stages * 2 * block_n + block_m,
+            "dkdv": stages * 2 * block_m + 2 * block_n,
+            "dq": stages * 2 * block_n + 2 * block_m}[kernel]
+    return rows * block_d * itemsize
+
+
+AUTOTUNE_ENV = "DINO_FAST_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """``DINO_FAST_AUTOTUNE`` (``on`` by default, or ``off``), read when a new shape is first
+    launched: whether the kernels time every candidate of an input's class on a GPU."""
+    value = os.environ.get(AUTOTUNE_ENV, "on").strip().lower() or "on"
+    if value not in ("on", "off"):
+        raise ValueError(f"{AUTOTUNE_ENV}={value!r} must be on or off")
+    return value == "on"
+
+
+def operand_class(dtype: torch.dtype, dot_precision: str) -> str:
+    """The candidate class of an input: ``half``, ``tf32`` or ``ieee``."""
+    return "half" if dtype != torch.float32 else dot_precision
+
+
+def candidates(kernel: str, dtype: torch.dtype, head_dim: int, dot_precision: str,
+               autotune: bool | None = None) -> list[triton.Config]:
+    """The configurations ``kernel`` (``fwd``, ``dkdv``, ``dq``) may run with for this input:
+    every candidate of its class that fits the head dim when autotuning (default:
+    :func:`autotuning`, never in the interpreter, where timing means nothing), else the first."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    table = _EXACT_FP32_TILES if operand_class(dtype, dot_precision) == "ieee" \
+        else _TENSOR_CORE_TILES
+    tiles = [tile for tile in table[kernel]
+             if _shared_bytes(kernel, tile, block_d, dtype.itemsize) <= _SHARED_BUDGET]
+    tiles = tiles or [_FALLBACK[kernel]]
+    if autotune is None:
+        autotune = autotuning() and not triton_interpreting()
+    if not autotune:
+        tiles = tiles[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in tiles]
 
 
+def _autotuned(kernel: str, fn):
+    """``fn`` autotuned over the candidates of each input's class, pruned before compiling."""
+    def prune(configs, named_args, **kwargs):
+        return candidates(kernel, named_args["Q"].dtype, kwargs["HEAD_DIM"],
+                          kwargs["DOT_PRECISION"])
+
+    every = {*_TENSOR_CORE_TILES[kernel], *_EXACT_FP32_TILES[kernel]}
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in sorted(every)]
+    return triton.autotune(configs, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
 # Keyed on the length, head dim and matmul precision (the dtype is part of Triton's key): DINO
 # has few distinct shapes (2 crop sizes), so each is tuned once; a TF32/IEEE switch retunes.
-# Tiles that do not fit the shared memory are skipped by the autotuner.
 _TUNE_KEY = ["seqlen", "HEAD_DIM", "VARLEN", "DOT_PRECISION"]
-_fwd = triton.autotune(_configs(
-    [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-    (64, 32, 4, 1)), key=_TUNE_KEY)(_attn_fwd_kernel)
-_bwd_dkdv = triton.autotune(_configs(
-    [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
-    (32, 64, 4, 1)), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
-_bwd_dq = triton.autotune(_configs(
-    [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
-    (64, 32, 4, 1)), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+_fwd = _autotuned("fwd", _attn_fwd_kernel)
+_bwd_dkdv = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
+_bwd_dq = _autotuned("dq", _attn_bwd_dq_kernel)
 _DELTA_BLOCK_M = 64
 
 
@@ -346,8 +425,8 @@ def _lse_strides(lse: torch.Tensor, varlen: bool):
 
 def _dot_precision(q: torch.Tensor) -> str:
     """float32 products as the eager matmul makes them: TF32 only where torch allows it."""
-    exact = q.dtype == torch.float32 and (
-        not q.is_cuda or torch.get_float32_matmul_precision() == "highest")
+    exact = q.dtype == torch.float32 and (  # (a meta tensor counts as a GPU one)
+        q.device.type == "cpu" or torch.get_float32_matmul_precision() == "highest")
     return "ieee" if exact else "tf32"  # (tf32 means nothing for half inputs)
 
 
@@ -363,19 +442,61 @@ def _cu_arg(q: torch.Tensor, cu_seqlens):
     return cu_seqlens if cu_seqlens is not None else q.new_empty(1, dtype=torch.int32)
 
 
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **constexprs)``."""
+    kernel: object
+    grid: object
+    args: tuple
+    constexprs: dict
+
+
+def forward_launch(q, k, v, out, lse, scale: float, cu_seqlens=None, max_seqlen: int = 0):
+    """The forward's :class:`Launch` writing ``out`` and ``lse`` (tensors on any device, ``meta``
+    included: the compile checks of ``benchmarks/kernel_compile.py`` build theirs here)."""
+    varlen, batch, heads, seqlen, _ = _problem(q, cu_seqlens, max_seqlen)
+    grid = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]) * batch * heads,)
+    args = (q, k, v, out, lse, _cu_arg(q, cu_seqlens),
+            *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen),
+            *_layout(out, varlen), *_lse_strides(lse, varlen), heads, seqlen, scale * LOG2E)
+    return Launch(_fwd, grid, args, {"VARLEN": varlen, **_common(q)})
+
+
+def backward_launches(grad_out, q, k, v, out, lse, scale: float, grads, delta,
+                      cu_seqlens=None, max_seqlen: int = 0) -> list[Launch]:
+    """The backward's three launches, in order: delta, dK/dV, dQ (``grads = (dq, dk, dv)``)."""
+    varlen, batch, heads, seqlen, _ = _problem(q, cu_seqlens, max_seqlen)
+    grad_q, grad_k, grad_v = grads
+    common, cu = _common(q), _cu_arg(q, cu_seqlens)
+    lse_strides = _lse_strides(lse, varlen)
+    delta_launch = Launch(
+        _attn_bwd_delta_kernel, (triton.cdiv(seqlen, _DELTA_BLOCK_M) * batch * heads,),
+        (out, grad_out, delta, cu, *_layout(out, varlen), *_layout(grad_out, varlen),
+         *lse_strides, heads, seqlen),
+        {"HEAD_DIM": common["HEAD_DIM"], "BLOCK_D": common["BLOCK_D"],
+         "BLOCK_M": _DELTA_BLOCK_M, "VARLEN": varlen})
+    inputs = (*_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen),
+              *_layout(grad_out, varlen), *_layout(grad_q, varlen), *lse_strides,
+              heads, seqlen, scale, scale * LOG2E)
+    grid_n = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_N"]) * batch * heads,)
+    grid_m = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]) * batch * heads,)
+    return [delta_launch,
+            Launch(_bwd_dkdv, grid_n, (q, k, v, grad_out, lse, delta, grad_k, grad_v, cu, *inputs),
+                   {"VARLEN": varlen, **common}),
+            Launch(_bwd_dq, grid_m, (q, k, v, grad_out, lse, delta, grad_q, cu, *inputs),
+                   {"VARLEN": varlen, **common})]
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0):
     """``softmax(q k^T * scale) v`` and the row log-sum-exp (see the module docstring)."""
     check_inputs(q, k, v, cu_seqlens)
-    varlen, batch, heads, seqlen, _ = _problem(q, cu_seqlens, max_seqlen)
+    varlen = cu_seqlens is not None
     out, lse = empty_like_input(q, varlen), empty_lse(q, varlen)
     if out.numel() == 0:
         return out, lse
-    grid = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]) * batch * heads,)
-    _fwd[grid](q, k, v, out, lse, _cu_arg(q, cu_seqlens),
-               *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen),
-               *_layout(out, varlen), *_lse_strides(lse, varlen),
-               heads, seqlen, scale * LOG2E, VARLEN=varlen, **_common(q))
+    kernel, grid, args, constexprs = forward_launch(q, k, v, out, lse, scale, cu_seqlens,
+                                                    max_seqlen)
+    kernel[grid](*args, **constexprs)
     return out, lse
 
 
@@ -385,23 +506,12 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """Gradients ``(dq, dk, dv)`` from the forward's ``out`` and ``lse``, recomputing the
     probabilities block by block."""
     check_inputs(q, k, v, cu_seqlens)
-    varlen, batch, heads, seqlen, _ = _problem(q, cu_seqlens, max_seqlen)
-    grad_q, grad_k, grad_v = (empty_like_input(q, varlen) for _ in range(3))
+    varlen = cu_seqlens is not None
+    grads = tuple(empty_like_input(q, varlen) for _ in range(3))
     if q.numel() == 0:
-        return grad_q, grad_k, grad_v
-    common, cu = _common(q), _cu_arg(q, cu_seqlens)
-    lse_strides = _lse_strides(lse, varlen)
+        return grads
     delta = torch.empty_like(lse)  # (B, heads, N) or (heads, total)
-    _attn_bwd_delta_kernel[(triton.cdiv(seqlen, _DELTA_BLOCK_M) * batch * heads,)](
-        out, grad_out, delta, cu, *_layout(out, varlen), *_layout(grad_out, varlen),
-        *lse_strides, heads, seqlen, HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"],
-        BLOCK_M=_DELTA_BLOCK_M, VARLEN=varlen)
-    inputs = (*_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen),
-              *_layout(grad_out, varlen), *_layout(grad_q, varlen), *lse_strides,
-              heads, seqlen, scale, scale * LOG2E)
-    grid_n = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_N"]) * batch * heads,)
-    _bwd_dkdv[grid_n](q, k, v, grad_out, lse, delta, grad_k, grad_v, cu, *inputs,
-                      VARLEN=varlen, **common)
-    grid_m = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]) * batch * heads,)
-    _bwd_dq[grid_m](q, k, v, grad_out, lse, delta, grad_q, cu, *inputs, VARLEN=varlen, **common)
-    return grad_q, grad_k, grad_v
+    for kernel, grid, args, constexprs in backward_launches(
+            grad_out, q, k, v, out, lse, scale, grads, delta, cu_seqlens, max_seqlen):
+        kernel[grid](*args, **constexprs)
+    return grads

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 _BLOCK = 4096
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -35,4 +36,4 @@ def ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: torch.Tensor) -
     if numel == 0:
         return
     _ema_kernel[(triton.cdiv(numel, _BLOCK),)](teacher, student, momentum, numel,
-                                               BLOCK=_BLOCK, num_warps=8)
+                                               BLOCK=_BLOCK, num_warps=_NUM_WARPS)

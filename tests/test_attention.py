@@ -91,11 +91,14 @@ def test_strided_inputs(layout):
 
 
 def test_large_logits_are_stable():
-    """A scale that makes the logits ~+-100: the online softmax must not overflow."""
+    """A scale that makes the logits ~+-100: the online softmax must not overflow. The backward
+    recomputes ``exp2(s * log2(e) - lse)`` with arguments of ~300, whose float32 rounding (~3e-5)
+    the gradients carry, amplified by the tile grouping of the products: 3e-4 to 1.5e-3 on dQ
+    over seeds and tiles, hence the looser tolerance."""
     q, k, v = make_qkv(1, 2, 37, 32)
     grad_out = torch.randn(q.shape, device=DEVICE)
     check(run_triton(q * 3, k * 3, v, 2.0, grad_out), run_oracle(q * 3, k * 3, v, 2.0, grad_out),
-          rtol=1e-4, atol=1e-4)
+          rtol=2e-3, atol=2e-3)
 
 
 def test_bad_inputs_raise():
@@ -268,3 +271,38 @@ def test_varlen_half_precision_error_at_most_twice_reference(dtype):
     for name, kernel_err, ref_err in zip(("out", "grad_q", "grad_k", "grad_v"),
                                          max_error(got, exact), max_error(low, exact)):
         assert kernel_err <= 2 * ref_err + 1e-5, f"{name}: {kernel_err} > 2 x {ref_err}"
+
+
+# --- DINO_FAST_AUTOTUNE: one pinned candidate per input class -----------------------------------
+def test_autotune_switch_reads_the_environment(monkeypatch):
+    from dino_fast.kernels import attention as kernels
+    monkeypatch.delenv("DINO_FAST_AUTOTUNE", raising=False)
+    assert kernels.autotuning()
+    monkeypatch.setenv("DINO_FAST_AUTOTUNE", "off")
+    assert not kernels.autotuning()
+    monkeypatch.setenv("DINO_FAST_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="DINO_FAST_AUTOTUNE='sometimes' must be on or off"):
+        kernels.autotuning()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_autotune_off_runs_one_pinned_candidate(monkeypatch, dtype):
+    """With the switch off each kernel has one candidate, the first of its class, and the
+    kernels run with it (checked on what the autotuner picked) and give the right answer."""
+    from dino_fast.kernels import attention as kernels
+    monkeypatch.setenv("DINO_FAST_AUTOTUNE", "off")
+    q, k, v = make_qkv(1, 2, 37, 64, dtype=dtype)
+    precision = kernels._dot_precision(q)
+    pinned = {}
+    for name in ("fwd", "dkdv", "dq"):
+        every = kernels.candidates(name, dtype, 64, precision, autotune=True)
+        (pinned[name],) = kernels.candidates(name, dtype, 64, precision)
+        assert pinned[name].all_kwargs() == every[0].all_kwargs()
+    grad_out = torch.randn(q.shape, device=DEVICE).to(dtype)
+    got = run_triton(q, k, v, 0.125, grad_out)
+    for name, tuner in (("fwd", kernels._fwd), ("dkdv", kernels._bwd_dkdv),
+                        ("dq", kernels._bwd_dq)):
+        assert tuner.best_config.all_kwargs() == pinned[name].all_kwargs(), name
+    # float16: the output and the probabilities fed to the products are rounded to 11 bits.
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    check(got, run_oracle(q, k, v, 0.125, grad_out), **tol)
