@@ -34,7 +34,13 @@ is reported and the next command runs (logs in ``DIR/<stage>/<job>.log``, result
 
 Plan for 9 minutes on an H100 (seconds; ``--budget`` scales every share; time a command leaves
 unused passes to the next): environment a few, outside the plan; correctness 165 (kernel tests 105: compiling one
-candidate per kernel and key, no autotuning, most of it, and near zero with a warm Triton cache;
+candidate per kernel and key, no autotuning, most of it, and near zero with a warm Triton cache.
+Measured without a GPU (``python -m benchmarks.kernel_resources --set pinned-tests``): the CUDA
+run of tests/test_attention.py makes 143 sm_90 compilations with ``DINO_FAST_AUTOTUNE=off`` (433
+with autotuning), median 6.9 s each on a loaded 2-core CPU, 29 s the longest; on an idle fast
+core that is 2-5 minutes in all, so a cold first run may spend its whole share here: the job
+is then reported as timed out, the next commands run, and a second run with the same ``--out``
+starts from the warm cache;
 three 2-step training runs 20 each); ops 105 (attention 50, with the Triton autotuner's first
 pass; loss 35, most of it one inductor compile; EMA 20); training step 195 (the runner's
 ``--help`` 10; batch 64 and 128, official and fast, 35 + 40; compile 45; packed crops 25 when

@@ -137,13 +137,19 @@ def teacher_health(teacher: torch.Tensor, center: torch.Tensor, teacher_lse: tor
     """``(entropy [2B], probs_mean [K])`` of the centered, sharpened teacher softmax, float32,
     from its row log-sum-exps ``teacher_lse`` (``row_logsumexp(teacher, 1 / Tt, center)``)."""
     rows, K = teacher.shape
-    block = min(256, triton.next_power_of_2(K))
+    block = _health_block(K)
     blocks = triton.cdiv(K, block)
     probs_mean = torch.empty(K, device=teacher.device, dtype=torch.float32)
     parts = torch.empty(blocks, rows, device=teacher.device, dtype=torch.float32)
     _teacher_health_kernel[(blocks,)](teacher, center, teacher_lse, probs_mean, parts, rows, K,
                                       teacher.stride(0), 1.0 / teacher_temp, BLOCK_K=block)
     return parts.sum(dim=0), probs_mean
+
+
+def _health_block(K: int) -> int:
+    """``BLOCK_K`` of ``_teacher_health_kernel`` (default 4 warps): narrow column blocks, so that
+    K = 65536 gives 256 programs to spread over the SMs."""
+    return min(256, triton.next_power_of_2(K))
 
 
 def _launch_config(K: int) -> tuple[int, int]:
