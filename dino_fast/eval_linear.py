@@ -29,6 +29,8 @@ from torch import nn
 
 from dino_fast import distributed as dist_utils
 from dino_fast.cli import add_model_args, bool_flag, load_model
+from dino_fast.errors import add_debug_flag, command
+from dino_fast.flags import EVAL_LINEAR, EVAL_LINEAR_PATHS, validate_args
 from dino_fast.knn import build_datasets
 from dino_fast.linear import (CHECKPOINT_NAME, LinearClassifier, build_optimizer,
                               check_feature_args, default_feature_args, extract_features,
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--seed", type=int, default=0,
                    help="classifier init, shuffling, crops, the val split, a random backbone")
+    add_debug_flag(p)
     return p
 
 
@@ -210,10 +213,12 @@ def run(args, device) -> dict:
     return result
 
 
+@command
 def main(argv=None) -> dict:
     """Entry point of ``python -m dino_fast.eval_linear``; returns the last validation's stats."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    validate_args(args, EVAL_LINEAR, EVAL_LINEAR_PATHS, parser)
     if (args.val_path is None) == (args.val_split is None):
         parser.error("give one of --val_path and --val_split")
     if args.device == "auto":

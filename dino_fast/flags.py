@@ -76,6 +76,15 @@ EVAL_KNN = {
 }
 EVAL_KNN_PATHS = ("checkpoint", "data_path", "val_path", "dump_features", "load_features")
 
+EVAL_LINEAR = {
+    "patch_size": at_least(1), "n_last_blocks": at_least(1), "epochs": at_least(1),
+    "lr": positive(), "batch_size_per_gpu": at_least(1),
+    "val_split": fraction(low_open=True, high_open=True), "image_size": at_least(1),
+    "num_workers": at_least(0), "val_freq": at_least(1), "num_labels": at_least(1),
+    "seed": Range(0, MAX_SEED),
+}
+EVAL_LINEAR_PATHS = ("checkpoint", "data_path", "val_path", "output_dir")
+
 MAPS = {"patch_size": at_least(1), "threshold": fraction(low_open=True),
         "image_size": at_least(1), "threads": at_least(1)}  # visualize and infer
 VISUALIZE_PATHS = ("checkpoint", "image_path", "output_dir")

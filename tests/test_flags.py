@@ -10,7 +10,7 @@ from _training import TINY_RUN
 
 from dino_fast import eval_knn, train, visualize
 from dino_fast.errors import FlagError
-from dino_fast.flags import EVAL_KNN, EXPORT, MAPS, TRAIN, Range, check_train_args
+from dino_fast.flags import EVAL_KNN, EVAL_LINEAR, EXPORT, MAPS, TRAIN, Range, check_train_args
 
 # (bad flags, the flag the error must name)
 TRAIN_CASES = [
@@ -81,6 +81,26 @@ def test_eval_knn_flag_out_of_range_is_named(tmp_path, capsys, flags, name):
     assert name in user_error(capsys, eval_knn.main, argv, code=2)
 
 
+EVAL_LINEAR_CASES = [
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "nan"], "--lr"),
+    (["--n_last_blocks", "0"], "--n_last_blocks"),
+    (["--val_freq", "0"], "--val_freq"),
+    (["--num_labels", "0"], "--num_labels"),
+    (["--output_dir", ""], "--output_dir"),
+]
+
+
+@pytest.mark.parametrize("flags,name", EVAL_LINEAR_CASES,
+                         ids=[" ".join(c[0]) for c in EVAL_LINEAR_CASES])
+def test_eval_linear_flag_out_of_range_is_named(tmp_path, capsys, flags, name):
+    from dino_fast import eval_linear
+    argv = ["--data_path", str(tmp_path), "--val_split", "0.5", "--output_dir",
+            str(tmp_path / "out"), *flags]
+    assert name in user_error(capsys, eval_linear.main, argv, code=2)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 MAP_CASES = [
     (["--threshold", "0"], "--threshold"),
     (["--threshold", "1.5"], "--threshold"),
@@ -132,7 +152,7 @@ def test_defaults_and_official_values_pass():
 
 
 def test_every_range_rejects_nan_and_infinities():
-    for table in (TRAIN, EVAL_KNN, MAPS, EXPORT):
+    for table in (TRAIN, EVAL_KNN, EVAL_LINEAR, MAPS, EXPORT):
         for name, valid in table.items():
             assert not any(v in valid for v in (math.nan, math.inf, -math.inf)), name
 
