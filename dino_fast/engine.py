@@ -85,9 +85,7 @@ class TrainStep:
             loss.backward(grad_output)
             skip = ~torch.isfinite(self._clip_and_freeze(student, epoch).sum())
             self.watch.record(skip | loss_bad, loss.detach(), step, epoch)
-            self.optimizer.found_inf = skip.float()  # read by fused optimizers only
-            self.optimizer.step()
-            del self.optimizer.found_inf
+            self._optimizer_step(skip)
         else:  # gradient overflow is routine with fp16: only a non-finite loss stops
             self.scaler.scale(loss).backward(grad_output)
             if self.clip_grad:
@@ -103,6 +101,18 @@ class TrainStep:
         self.ema.update(torch.where(skip, 1.0, momentum))
         self._last = (student_output.detach(), teacher_output.detach(), center, step, epoch)
         return {"loss": loss.detach()}
+
+    def _optimizer_step(self, skip: torch.Tensor):
+        """The optimizer step, skipped on the device when ``skip`` is set (fused optimizers;
+        the others cannot read a device flag and step anyway, see the module docstring)."""
+        if not self.optimizer.defaults.get("fused"):
+            self.optimizer.step()
+            return
+        self.optimizer.found_inf = skip.float()  # PyTorch's protocol for the loss scaler
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
 
     def check_finite(self):
         """Raise :class:`NonFiniteLossError` with a report when a step so far went non-finite

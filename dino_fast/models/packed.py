@@ -18,8 +18,6 @@ the random draws differ from the unpacked run. The layout (crop counts and token
 static, so the packed pass has no data-dependent branch and no host sync; its device metadata
 (``cu_seqlens``) is built once per layout and device and reused (:func:`packing_for`).
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -67,10 +65,14 @@ class Packing:
         return x * torch.cat([s.reshape(-1) for s in scales]).unsqueeze(1)  # (total, dim)
 
 
-@functools.lru_cache(maxsize=16)
+_PACKINGS = {}  # layout -> Packing: a training run has one or two layouts
+
+
 def packing_for(runs: tuple) -> Packing:
     """The cached :class:`Packing` of a layout ``((crops, tokens per crop), ...)``."""
-    return Packing(runs)
+    if runs not in _PACKINGS:
+        _PACKINGS[runs] = Packing(runs)
+    return _PACKINGS[runs]
 
 
 def _attention(attn: Attention, x: torch.Tensor, packing: Packing, mode: str) -> torch.Tensor:
