@@ -9,7 +9,8 @@ Configurations, measured in one run:
 * ``fast``: our step: fused ops (``DINO_FAST_BACKEND=auto``), SDPA attention, fused AdamW, the
   flat-buffer EMA, no host sync (the non-finite check every ``--check_every`` steps, amortised
   in the sync column), ``--precision`` (auto: bf16 on CUDA), packed crops with ``--pack_crops``;
-* ``fast+compile``: the same with ``torch.compile(mode=--compile_mode, fullgraph=True)``; its
+* ``fast+pack``: ``fast`` with packed crops whatever ``--pack_crops`` says;
+* ``fast+compile``: ``fast`` with ``torch.compile(mode=--compile_mode, fullgraph=True)``; its
   row also gives the kernels inductor generated (forward and backward graphs, each run once per
   step).
 
@@ -92,6 +93,7 @@ def configurations(args, cuda: bool) -> dict:
         "official": dict(attn_backend="eager", precision="fp16" if cuda else "fp32",
                          official=True, compile=False, backend="reference", pack=False),
         "fast": fast,
+        "fast+pack": {**fast, "pack": True},
         "fast+compile": {**fast, "compile": True},
     }
 

@@ -51,6 +51,7 @@ class TrainStep:
             raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
         self.forward = (torch.compile(self._forward, mode=compile_mode, fullgraph=True)
                         if compile else self._forward)
+        self.cuda_graphs = compile and compile_mode == "reduce-overhead"
         self.watch = NonFiniteWatch(device)
         self._last = None  # the latest step's outputs, for the report of a non-finite step
 
@@ -73,6 +74,8 @@ class TrainStep:
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = weight_decay
         self._last = None
+        if self.cuda_graphs:  # a new iteration: the graphs may reuse the last outputs' memory
+            torch.compiler.cudagraph_mark_step_begin()
         center = self.dino_loss.center.clone()  # the one this step's loss uses
         teacher_output, student_output = self.forward(crops)
         loss = self.dino_loss(student_output, teacher_output, epoch)
