@@ -14,6 +14,12 @@ Configurations, measured in one run:
   row also gives the kernels inductor generated (forward and backward graphs, each run once per
   step).
 
+``ops_per_step`` counts dispatched ATen operators (each at least one kernel launch on a GPU;
+inside a compiled graph only the operators inductor leaves to ATen), ``syncs_per_step`` the
+values read back to the host (``dino_fast.dispatch_count``), the fast configurations' periodic
+check amortised. On the CPU the official count includes reads of CPU-resident scalars (the
+default AdamW's for-loop reads each parameter's step count), which on a GPU are no device sync.
+
 MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
 matmul rate measured on an H100/H200 (../shared/GPU.md).
 

@@ -166,3 +166,17 @@ def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match="compile mode 'fast' is not one of"):
         TrainStep(step.student, step.teacher, step.dino_loss, step.optimizer, step.ema,
                   compile=True, compile_mode="fast")
+
+
+def test_training_stops_at_the_check_naming_the_first_non_finite_step(tmp_path, capsys):
+    """Through ``python -m dino_fast.train``: lr 1e38 makes step 1 non-finite; with
+    ``--check_every 3`` the loop notices after step 2, names step 1, and writes nothing."""
+    from _training import make_images, run_in_process
+    data, out = make_images(tmp_path / "images", 8), tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process("--data_path", data, "--batch_size_per_gpu", 2, "--epochs", 1,
+                       "--lr", "1e38", "--check_every", 3, "--output_dir", out)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 1 (epoch 0)" in err and "at step 2, the latest" in err
+    assert not (out / "checkpoint.pth").exists()
