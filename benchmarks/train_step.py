@@ -14,10 +14,12 @@ Configurations, measured in one run:
   row also gives the kernels inductor generated (forward and backward graphs, each run once per
   step).
 
-``ops_per_step`` counts dispatched ATen operators (each at least one kernel launch on a GPU;
-inside a compiled graph only the operators inductor leaves to ATen), ``syncs_per_step`` the
-values read back to the host (``dino_fast.dispatch_count``), the fast configurations' periodic
-check amortised. On the CPU the official count includes reads of CPU-resident scalars (the
+``host_cpu_ms`` is the CPU time this process spent per step (median): on a GPU the host's
+launch work, on a shared CPU a measure that other processes' load does not inflate (run with
+one thread). ``ops_per_step`` counts dispatched ATen operators (each at least one kernel
+launch on a GPU; inside a compiled graph only the operators inductor leaves to ATen),
+``syncs_per_step`` the values read back to the host (``dino_fast.dispatch_count``), the fast
+configurations' periodic check amortised. On the CPU the official count includes reads of CPU-resident scalars (the
 default AdamW's for-loop reads each parameter's step count), which on a GPU are no device sync.
 
 MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
@@ -28,13 +30,16 @@ matmul rate measured on an H100/H200 (../shared/GPU.md).
         --out_dim 65536 --precision bf16 --pack_crops --compile_mode default --json out.json
 
 ``--json PATH`` writes ``{"environment": {...}, "args": {...}, "rows": [{config, arch, batch,
-crops, K, precision, pack, compile_mode, step_ms, images_s, speedup, gflop_per_image, mfu_pct,
-ops_per_step, syncs_per_step, generated_kernels}, ...]}`` (absent values are null).
+crops, K, precision, pack, compile_mode, step_ms, host_cpu_ms, images_s, speedup,
+gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels}, ...]}`` (absent
+values are null).
 """
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -51,8 +56,8 @@ from dino_fast.optim import build_optimizer, get_params_groups  # noqa: E402
 from dino_fast.train import build_models, build_parser  # noqa: E402
 
 PEAK_TFLOPS = 790.0
-COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "images_s",
-           "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels"]
+COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "host_cpu_ms",
+           "images_s", "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels"]
 
 
 class PerParameterEMA:
@@ -106,15 +111,17 @@ def configurations(args, cuda: bool) -> dict:
 
 def run_config(args, device, name, cfg, crops) -> dict:
     """Time one configuration, then count its operators and syncs over 2 warm steps."""
-    state = {"it": 0}
+    state = {"it": 0, "host_s": []}
     with use_backend(cfg["backend"]):
         step = build_step(args, device, cfg)
 
         def one_step():
+            start = time.process_time()
             step(crops, 1, 1e-4, 0.04, 0.996, state["it"])
             state["it"] += 1
             if cfg["official"] or state["it"] % args.check_every == 0:
                 step.check_finite()  # official: every step, as main_dino.py reads the loss
+            state["host_s"].append(time.process_time() - start)
 
         kernels_before = _generated_kernels()
         ms = measure(one_step, warmup=2, repeats=args.repeats, device=device)
@@ -135,6 +142,7 @@ def run_config(args, device, name, cfg, crops) -> dict:
             "pack": args.pack_attention if cfg["pack"] else "off",
             "compile_mode": args.compile_mode if cfg["compile"] else None,
             "step_ms": ms, "images_s": images_s, "gflop_per_image": gflop,
+            "host_cpu_ms": 1e3 * statistics.median(state["host_s"][-args.repeats:]),
             "mfu_pct": (100 * images_s * gflop / 1e3 / PEAK_TFLOPS
                         if device.type == "cuda" else None),
             "ops_per_step": counter.total_ops / 2, "syncs_per_step": syncs,

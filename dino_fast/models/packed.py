@@ -39,7 +39,6 @@ class Packing:
             self.starts.append(start)
             start += count * length
         self.total = start
-        self.num_crops = sum(count for count, _ in runs)
         self.max_seqlen = max(length for _, length in runs)
         self._cu_seqlens = {}
 
