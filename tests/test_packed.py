@@ -52,11 +52,14 @@ def test_matches_multicrop_wrapper(backend, mode):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend,mode", [(b, "varlen") for b in BACKENDS]
-                         + [("reference", "sdpa_split")])
+@pytest.mark.parametrize("backend,mode", [
+    pytest.param(b, "varlen", marks=[pytest.mark.slow] if b == "reference" else [])
+    for b in BACKENDS] + [pytest.param("reference", "sdpa_split", marks=pytest.mark.slow)])
 def test_compile_fullgraph(backend, mode):
     """The packed pass traces with no graph break in both attention modes (the layout is
-    static; the reference path never reads ``cu_seqlens`` on the host)."""
+    static; the reference path never reads ``cu_seqlens`` on the host). 30-40 s each on a CI
+    core: the CPU-reference cases run with the slow tests (test_train_step.py compiles the
+    whole step with sdpa_split in CI)."""
     device = device_for(backend)
     model, crops = tiny_wrapper().to(device).eval(), make_crops(device)
     torch._dynamo.reset()
@@ -85,12 +88,12 @@ def test_drop_path_is_per_crop():
 def test_drop_decisions_follow_the_unpacked_distribution():
     """Each crop kept with probability 1 - p and scaled by 1 / (1 - p), independently of the
     other crops, packed as unpacked: per-crop and per-pair keep rates within 5 sigma of the
-    Bernoulli law over 4000 draws (seeded, so not flaky)."""
-    p, draws, runs = 0.3, 4000, ((2, 4), (6, 2))
+    Bernoulli law over 2000 draws (seeded, so not flaky)."""
+    p, draws, runs = 0.3, 2000, ((2, 4), (6, 2))
     packing = Packing(runs)
     ones = torch.ones(packing.total, 1)
-    starts = [start + i * length for start, (count, length) in zip(packing.starts, runs)
-              for i in range(count)]  # the first token of each crop
+    lengths = [length for count, length in runs for _ in range(count)]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]  # the first token of each crop
     torch.manual_seed(0)
     packed = torch.stack([packing.drop_path(ones, p, True)[starts, 0] for _ in range(draws)])
     unpacked = torch.stack([torch.cat([drop_path(torch.ones(count, length, 1), p, True)[:, 0, 0]

@@ -34,11 +34,7 @@ class Packing:
 
     def __init__(self, runs: tuple):
         self.runs = runs
-        self.starts, start = [], 0
-        for count, length in runs:
-            self.starts.append(start)
-            start += count * length
-        self.total = start
+        self.total = sum(count * length for count, length in runs)
         self.max_seqlen = max(length for _, length in runs)
         self._cu_seqlens = {}
 
@@ -51,9 +47,11 @@ class Packing:
         return self._cu_seqlens[device]
 
     def split(self, x: torch.Tensor):
-        """Views ``[count, length, ...]`` of packed ``x`` ``[total, ...]``, one per run."""
-        return [x[start:start + count * length].view(count, length, *x.shape[1:])
-                for start, (count, length) in zip(self.starts, self.runs)]
+        """Views ``[count, length, ...]`` of packed ``x`` ``[total, ...]``, one per run (one
+        ``split``, whose backward is one ``cat``, not a zero-filled copy per slice)."""
+        parts = x.split([count * length for count, length in self.runs])
+        return [part.view(count, length, *x.shape[1:])
+                for part, (count, length) in zip(parts, self.runs)]
 
     def drop_path(self, x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
         """Stochastic depth with one draw per crop (not per token) of packed ``x``."""
