@@ -1,37 +1,63 @@
-"""Images/s of the whole DINO training step: student on all crops, teacher on the 2 globals,
-loss, backward, optimizer, EMA, with the crops already on the device.
+"""The whole DINO training step (student on all crops, teacher on the 2 globals, loss, backward,
+clipping, optimizer, EMA) with the crops already on the device: images/s, and what a CPU can
+measure for a GPU: operators dispatched and host syncs per step.
 
 Configurations, measured in one run:
-* ``official``: the official execution: eager attention, the eager (reference) loss, a
-  per-parameter EMA loop, fp16 autocast on CUDA (fp32 on the CPU), no compile;
-* ``fast``: our path: the fused ops (``DINO_FAST_BACKEND=auto``), SDPA or Triton attention,
-  the flat-buffer EMA, bf16 on CUDA;
-* ``fast+compile``: the same with ``torch.compile``.
+* ``official``: the official execution: eager attention, the eager (reference) loss, PyTorch's
+  default AdamW, a per-parameter EMA loop, one crop size at a time, fp16 autocast on CUDA (fp32
+  on the CPU), and the loss read on the host every step (``math.isfinite(loss.item())``);
+* ``fast``: our step: fused ops (``DINO_FAST_BACKEND=auto``), SDPA attention, fused AdamW, the
+  flat-buffer EMA, no host sync (the non-finite check every ``--check_every`` steps, amortised
+  in the sync column), ``--precision`` (auto: bf16 on CUDA), packed crops with ``--pack_crops``;
+* ``fast+pack``: ``fast`` with packed crops whatever ``--pack_crops`` says;
+* ``fast+compile``: ``fast`` with ``torch.compile(mode=--compile_mode, fullgraph=True)``; its
+  row also gives the kernels inductor generated (forward and backward graphs, each run once per
+  step).
 
-On a GPU it also reports the model FLOP utilisation against 790 TFLOP/s (bf16 dense peak of an
-H100/H200 as measured in ../shared/GPU.md), with 123.8 GFLOP per image for ViT-S/16 and 474.1 for
-ViT-B/16 at 2x224 + 10x96 crops (forward + backward).
+``host_cpu_ms`` is the CPU time this process spent per step (median): on a GPU the host's
+launch work, on a shared CPU a measure that other processes' load does not inflate (run with
+one thread). ``ops_per_step`` counts dispatched ATen operators (each at least one kernel
+launch on a GPU; inside a compiled graph only the operators inductor leaves to ATen),
+``syncs_per_step`` the values read back to the host (``dino_fast.dispatch_count``), the fast
+configurations' periodic check amortised. On the CPU the official count includes reads of CPU-resident scalars (the
+default AdamW's for-loop reads each parameter's step count), which on a GPU are no device sync.
+
+MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
+matmul rate measured on an H100/H200 (../shared/GPU.md).
 
     python benchmarks/train_step.py                      # CPU defaults: small and quick
-    python benchmarks/train_step.py --arch vit_small --batch 128 --local_crops 10 --out_dim 65536
+    python benchmarks/train_step.py --arch vit_small --batch 64 --local_crops 10 \\
+        --out_dim 65536 --precision bf16 --pack_crops --compile_mode default --json out.json
+
+``--json PATH`` writes ``{"environment": {...}, "args": {...}, "rows": [{config, arch, batch,
+crops, K, precision, pack, compile_mode, step_ms, host_cpu_ms, images_s, speedup,
+gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels}, ...]}`` (absent
+values are null).
 """
 import argparse
+import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import measure, print_table, write_results  # noqa: E402
+from benchmarks.common import environment, measure, print_table, write_results  # noqa: E402
+from dino_fast.dispatch_count import DispatchCounter  # noqa: E402
 from dino_fast.ema import TeacherEMA  # noqa: E402
-from dino_fast.engine import TrainStep  # noqa: E402
+from dino_fast.engine import COMPILE_MODES, PRECISIONS, TrainStep  # noqa: E402
+from dino_fast.flops import dino_step_flops  # noqa: E402
 from dino_fast.loss import DINOLoss  # noqa: E402
+from dino_fast.models.packed import PACK_ATTENTION  # noqa: E402
 from dino_fast.ops import use_backend  # noqa: E402
 from dino_fast.optim import build_optimizer, get_params_groups  # noqa: E402
-from dino_fast.train import build_parser, build_models  # noqa: E402
+from dino_fast.train import build_models, build_parser  # noqa: E402
 
-GFLOP_PER_IMAGE = {("vit_small", 16): 123.8, ("vit_base", 16): 474.1}  # 2x224 + 10x96, fwd+bwd
 PEAK_TFLOPS = 790.0
+COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "host_cpu_ms",
+           "images_s", "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels"]
 
 
 class PerParameterEMA:
@@ -46,74 +72,143 @@ class PerParameterEMA:
             k.data.mul_(momentum).add_((1 - momentum) * q.detach().data)
 
 
-def build_step(args, device, attn_backend, precision, official, compile):
+def build_step(args, device, cfg):
     """A TrainStep over fresh models for one configuration."""
-    train_args = build_parser().parse_args([
-        "--arch", args.arch, "--patch_size", str(args.patch_size), "--out_dim", str(args.out_dim),
-        "--local_crops_number", str(args.local_crops), "--attn_backend", attn_backend])
+    flags = ["--arch", args.arch, "--patch_size", str(args.patch_size), "--out_dim",
+             str(args.out_dim), "--local_crops_number", str(args.local_crops), "--attn_backend",
+             cfg["attn_backend"], "--pack_attention", args.pack_attention]
+    train_args = build_parser().parse_args(flags + (["--pack_crops"] if cfg["pack"] else []))
     torch.manual_seed(0)
     student, teacher = build_models(train_args, device)
-    ema = PerParameterEMA(student, teacher) if official else TeacherEMA(student, teacher)
+    groups = get_params_groups(student)
+    if cfg["official"]:
+        ema, optimizer = PerParameterEMA(student, teacher), torch.optim.AdamW(groups)
+    else:
+        ema, optimizer = TeacherEMA(student, teacher), build_optimizer("adamw", groups)
     loss = DINOLoss(args.out_dim, args.local_crops + 2, 0.04, 0.04, 0, 10).to(device)
-    optimizer = build_optimizer("adamw", get_params_groups(student))
-    return TrainStep(student, teacher, loss, optimizer, ema, precision=precision,
-                     compile=compile)
+    return TrainStep(student, teacher, loss, optimizer, ema, precision=cfg["precision"],
+                     compile=cfg["compile"], compile_mode=args.compile_mode)
 
 
 def random_crops(args, device):
     """2 global and ``local_crops`` local crops of ``batch`` images, on the device."""
-    glob = [torch.randn(args.batch, 3, 224, 224, device=device) for _ in range(2)]
-    local = [torch.randn(args.batch, 3, 96, 96, device=device) for _ in range(args.local_crops)]
-    return glob + local
+    side = [args.global_size] * 2 + [args.local_size] * args.local_crops
+    return [torch.randn(args.batch, 3, s, s, device=device) for s in side]
 
 
-def main(argv=None):
+def configurations(args, cuda: bool) -> dict:
+    fast_precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
+    fast = dict(attn_backend="sdpa", precision=fast_precision, official=False, compile=False,
+                backend="auto", pack=args.pack_crops)
+    return {
+        "official": dict(attn_backend="eager", precision="fp16" if cuda else "fp32",
+                         official=True, compile=False, backend="reference", pack=False),
+        "fast": fast,
+        "fast+pack": {**fast, "pack": True},
+        "fast+compile": {**fast, "compile": True},
+    }
+
+
+def run_config(args, device, name, cfg, crops) -> dict:
+    """Time one configuration, then count its operators and syncs over 2 warm steps."""
+    state = {"it": 0, "host_s": []}
+    with use_backend(cfg["backend"]):
+        step = build_step(args, device, cfg)
+
+        def one_step():
+            start = time.process_time()
+            step(crops, 1, 1e-4, 0.04, 0.996, state["it"])
+            state["it"] += 1
+            if cfg["official"] or state["it"] % args.check_every == 0:
+                step.check_finite()  # official: every step, as main_dino.py reads the loss
+            state["host_s"].append(time.process_time() - start)
+
+        kernels_before = _generated_kernels()
+        ms = measure(one_step, warmup=2, repeats=args.repeats, device=device)
+        kernels = _generated_kernels() - kernels_before if cfg["compile"] else None
+        state["it"] = 1  # the next two steps hold no periodic check: count it amortised below
+        with DispatchCounter() as counter:
+            for _ in range(2):
+                step(crops, 1, 1e-4, 0.04, 0.996, state["it"])
+                if cfg["official"]:
+                    step.check_finite()
+    syncs = counter.total_syncs / 2 + (0 if cfg["official"] else 1 / args.check_every)
+    images_s = args.batch / (ms / 1e3)
+    gflop = dino_step_flops(args.arch, args.patch_size, args.global_size, args.local_size,
+                            args.local_crops, args.out_dim) / 1e9
+    return {"config": name, "arch": f"{args.arch}/{args.patch_size}", "batch": args.batch,
+            "crops": f"2x{args.global_size}+{args.local_crops}x{args.local_size}",
+            "K": args.out_dim, "precision": cfg["precision"],
+            "pack": args.pack_attention if cfg["pack"] else "off",
+            "compile_mode": args.compile_mode if cfg["compile"] else None,
+            "step_ms": ms, "images_s": images_s, "gflop_per_image": gflop,
+            "host_cpu_ms": 1e3 * statistics.median(state["host_s"][-args.repeats:]),
+            "mfu_pct": (100 * images_s * gflop / 1e3 / PEAK_TFLOPS
+                        if device.type == "cuda" else None),
+            "ops_per_step": counter.total_ops / 2, "syncs_per_step": syncs,
+            "generated_kernels": kernels}
+
+
+def _generated_kernels() -> int:
+    """Kernels inductor has generated in this process so far."""
+    from torch._inductor import metrics
+    return metrics.generated_kernel_count
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--arch", default="vit_small" if cuda else "vit_tiny")
     parser.add_argument("--patch_size", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128 if cuda else 4)
+    parser.add_argument("--batch", type=int, default=64 if cuda else 4)
     parser.add_argument("--local_crops", type=int, default=10 if cuda else 2)
+    parser.add_argument("--global_size", type=int, default=224)
+    parser.add_argument("--local_size", type=int, default=96)
     parser.add_argument("--out_dim", type=int, default=65536 if cuda else 4096)
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="of the fast configurations (official: fp16 on CUDA, else fp32)")
+    parser.add_argument("--pack_crops", action="store_true",
+                        help="the fast configurations run the student packed")
+    parser.add_argument("--pack_attention", default="sdpa_split", choices=PACK_ATTENTION)
+    parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--check_every", type=int, default=10,
+                        help="fast configurations: steps between non-finite checks")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--configs", default="official,fast,fast+compile")
     parser.add_argument("--output", default=None, help="write the table to this markdown file")
+    parser.add_argument("--json", default=None, help="write the rows as JSON to this file")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if cuda else "cpu")
-    fast_attn = "sdpa"
-    configs = {
-        "official": dict(attn_backend="eager", precision="fp16" if cuda else "fp32",
-                         official=True, compile=False, backend="reference"),
-        "fast": dict(attn_backend=fast_attn, precision="bf16" if cuda else "fp32",
-                     official=False, compile=False, backend="auto"),
-        "fast+compile": dict(attn_backend=fast_attn, precision="bf16" if cuda else "fp32",
-                             official=False, compile=True, backend="auto"),
-    }
+    if args.device == "auto":
+        args.device = "cuda" if cuda else "cpu"
+    if args.device == "cuda" and not cuda:
+        parser.error("--device cuda was asked for but CUDA is not available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    configs = configurations(args, device.type == "cuda")
+    unknown = set(args.configs.split(",")) - set(configs)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {sorted(configs)}")
     crops = random_crops(args, device)
-    rows = []
-    for name in args.configs.split(","):
-        cfg = dict(configs[name])
-        with use_backend(cfg.pop("backend")):
-            step = build_step(args, device, **cfg)
-            ms = measure(lambda: step(crops, 1, 1e-4, 0.04, 0.996), warmup=2,
-                         repeats=args.repeats, device=device)
-        images_s = args.batch / (ms / 1e3)
-        row = {"config": name, "arch": f"{args.arch}/{args.patch_size}", "batch": args.batch,
-               "crops": f"2x224+{args.local_crops}x96", "K": args.out_dim,
-               "step ms": ms, "images/s": images_s}
-        gflop = GFLOP_PER_IMAGE.get((args.arch, args.patch_size))
-        if cuda and gflop and args.local_crops == 10:
-            row["MFU %"] = 100 * images_s * gflop / 1e3 / PEAK_TFLOPS
-        rows.append(row)
-        step = None  # free this configuration before building the next
-    baseline = next((r for r in rows if r["config"] == "official"), rows[0])["images/s"]
+    rows = [run_config(args, device, name, configs[name], crops)
+            for name in args.configs.split(",")]
+    baseline = next((r for r in rows if r["config"] == "official"), rows[0])["images_s"]
     for row in rows:
-        row["speed-up"] = row["images/s"] / baseline  # against the official style when measured
-    table = print_table(rows, ["config", "arch", "batch", "crops", "K", "step ms", "images/s",
-                               "speed-up", "MFU %"], title="DINO training step")
+        row["speedup"] = row["images_s"] / baseline  # against the official style when measured
+    table = print_table(rows, COLUMNS, title="DINO training step")
     if args.output:
         write_results(args.output, table)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": environment(), "args": vars(args),
+                       "rows": [{c: row.get(c) for c in COLUMNS + ["compile_mode",
+                                                                   "gflop_per_image"]}
+                                for row in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -52,13 +52,21 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """The minimum of ``tensor`` over all processes, in place (a no-op for one process)."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one process, so that all ranks take the same
     branch (e.g. stop after a signal that reached only one of them); ``flag`` itself for one
-    process. ``device`` is this process's device (NCCL reduces CUDA tensors only)."""
+    process. ``device`` is this process's device (NCCL reduces CUDA tensors only). A collective
+    and a host read: the training loop votes every few steps, not every step."""
     if not is_dist():
         return flag
-    votes = torch.tensor([float(flag)], device=device)
+    votes = torch.full((1,), float(flag), device=device)  # a fill, not a host-to-device copy
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return bool(votes.item())
 

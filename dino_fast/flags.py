@@ -66,6 +66,7 @@ TRAIN = {
     "local_crops_scale": fraction(low_open=True), "saveckp_freq": at_least(0),
     "seed": Range(0, MAX_SEED), "num_workers": at_least(0), "max_steps": at_least(1),
     "global_crops_size": at_least(1), "local_crops_size": at_least(1),
+    "check_every": at_least(1), "knn_every": at_least(0),
 }
 TRAIN_PATHS = ("data_path", "output_dir")
 

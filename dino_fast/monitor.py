@@ -16,6 +16,7 @@ import time
 import torch
 
 from dino_fast import distributed as dist_utils
+from dino_fast.errors import UserError
 from dino_fast.health import CollapseDetector, epoch_health, log_record
 
 STEP_METRICS = ("teacher_entropy", "kl", "batch_entropy", "center_norm")  # DINOLoss.health
@@ -38,12 +39,11 @@ def add_monitor_args(parser):
 
 
 def build_monitor(args, device) -> "TrainingMonitor":
-    """The run's monitor; a bad ``--knn_every`` / ``--val_path`` exits with one line (on every
-    process alike, before training starts)."""
-    if args.knn_every < 0:
-        raise SystemExit(f"--knn_every must be >= 0, got {args.knn_every}")
+    """The run's monitor; a ``--val_path`` without ``--knn_every`` or a k-NN folder without
+    classes is a one-line error (on every process alike, before training starts; the flags'
+    ranges are checked by :mod:`dino_fast.flags`)."""
     if args.val_path is not None and not args.knn_every:
-        raise SystemExit("--val_path is only used by the online k-NN: add --knn_every N")
+        raise UserError("--val_path is only used by the online k-NN: add --knn_every N")
     knn = None
     if args.knn_every:
         from dino_fast.online_knn import OnlineKNN

@@ -30,7 +30,7 @@ class OnlineKNN:
             self.train_set, self.val_set = build_datasets(
                 root, val_path=val_path, image_size=image_size, leave_one_out=val_path is None)
         except (UserError, ValueError, OSError) as err:
-            raise SystemExit(f"--knn_every: {err}") from err
+            raise UserError(f"--knn_every: {err}") from err
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
 
     def __call__(self, backbone: torch.nn.Module) -> float:

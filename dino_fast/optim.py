@@ -43,30 +43,55 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["mu"], alpha=-group["lr"])
 
 
+def fused_supported(params_groups: list[dict]) -> bool:
+    """Whether PyTorch has a fused (single-kernel) AdamW/SGD for all these parameters: floating
+    point, on one device type that its fused kernels support (CUDA and the CPU among them)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a PyTorch without the helper
+        supported = {"cuda", "cpu"}
+    params = [p for group in params_groups for p in group["params"]]
+    return bool(params) and len({p.device.type for p in params}) == 1 and all(
+        p.device.type in supported and p.is_floating_point() for p in params)
+
+
 def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimizer:
-    """``adamw``, ``sgd`` (momentum 0.9) or ``lars``; lr and weight decay are set per step."""
+    """``adamw``, ``sgd`` (momentum 0.9) or ``lars``; lr and weight decay are set per step.
+
+    AdamW and SGD take PyTorch's fused implementation where it has one for the parameters'
+    device (:func:`fused_supported`), else the foreach one. Both give the official update; the
+    fused one also skips a step on a device-side flag (``optimizer.found_inf``) without a host
+    sync, which the training step uses to leave the weights untouched by a non-finite step.
+    """
+    impl = {"fused": True} if fused_supported(params_groups) else {"foreach": True}
     if name == "adamw":
-        return torch.optim.AdamW(params_groups)
+        return torch.optim.AdamW(params_groups, **impl)
     if name == "sgd":
-        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9, **impl)
     if name == "lars":
         return LARS(params_groups)
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or lars")
 
 
 @torch.no_grad()
-def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
-    """Clip each parameter's gradient to norm ``clip`` on its own (not a global norm, as official).
-
-    Returns the norms before clipping, as one tensor (no host sync per parameter).
-    """
+def gradient_norms(model: nn.Module, clip: float = 0.0) -> torch.Tensor:
+    """The L2 norm of each parameter's gradient, as one device tensor (no host sync); with
+    ``clip`` > 0 each gradient is then clipped to norm ``clip`` on its own (not a global norm,
+    as official: ``coef = clip / (norm + 1e-6)``, applied when below 1)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(0)
     norms = torch.stack(torch._foreach_norm(grads, 2))
-    coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)  # scale only when the norm exceeds clip
-    torch._foreach_mul_(grads, list(coefs.unbind()))
+    if clip:
+        coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)  # scale only above clip
+        torch._foreach_mul_(grads, list(coefs.unbind()))
     return norms
+
+
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Clip each parameter's gradient to norm ``clip`` on its own; return the norms before."""
+    return gradient_norms(model, clip)
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int):

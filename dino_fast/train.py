@@ -22,17 +22,19 @@ from dino_fast.cli import bool_flag, official_arch
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
-from dino_fast.engine import PRECISIONS, NonFiniteLossError, TrainStep
+from dino_fast.engine import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
 from dino_fast.errors import add_debug_flag, command
 from dino_fast.flags import check_train_args
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
+from dino_fast.models.packed import PACK_ATTENTION, PackedMultiCropWrapper
 from dino_fast.monitor import add_monitor_args, build_monitor
 from dino_fast.optim import build_optimizer, get_params_groups
 from dino_fast.progress import Progress
 from dino_fast.resume import check_output_dir, resume, start_position
 from dino_fast.schedules import cosine_scheduler
 from dino_fast.signals import StopRequest
+from dino_fast.step_meters import StepMeters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility (torch.distributed.launch passes it)")
     # dino_fast
     p.add_argument("--compile", action="store_true", help="torch.compile the forward and loss")
+    p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--attn_backend", default="sdpa", choices=ATTN_BACKENDS)
+    p.add_argument("--pack_crops", action="store_true",
+                   help="student: all crops' tokens as one sequence (off by default until a "
+                        "GPU has measured it faster)")
+    p.add_argument("--pack_attention", default="sdpa_split", choices=PACK_ATTENTION,
+                   help="attention with --pack_crops: varlen (one packed call; the Triton "
+                        "kernel on CUDA) or sdpa_split (one SDPA call per crop size)")
+    p.add_argument("--check_every", default=10, type=int,
+                   help="steps between host reads: progress bar, non-finite check, stop vote")
     p.add_argument("--loader", default="auto", choices=["auto", "torch", "dali"])
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                    help="auto: bf16 on CUDA, fp32 on CPU (see --use_fp16)")
@@ -127,9 +139,12 @@ def build_models(args, device):
 
     student_bb = backbone(args.drop_path_rate)
     embed_dim = student_bb.embed_dim
-    student = MultiCropWrapper(student_bb, DINOHead(embed_dim, args.out_dim,
-                                                    use_bn=args.use_bn_in_head,
-                                                    norm_last_layer=args.norm_last_layer))
+    student_head = DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                            norm_last_layer=args.norm_last_layer)
+    if args.pack_crops:
+        student = PackedMultiCropWrapper(student_bb, student_head, args.pack_attention)
+    else:
+        student = MultiCropWrapper(student_bb, student_head)
     teacher = MultiCropWrapper(backbone(0.0), DINOHead(embed_dim, args.out_dim,
                                                        use_bn=args.use_bn_in_head))
     student, teacher = student.to(device), teacher.to(device)
@@ -185,7 +200,7 @@ def train(args) -> dict:
     optimizer = build_optimizer(args.optimizer, get_params_groups(student_module))
     step = TrainStep(student, teacher, dino_loss, optimizer, ema, precision=args.precision,
                      clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
-                     compile=args.compile)
+                     compile=args.compile, compile_mode=args.compile_mode)
 
     warmup_epochs = min(args.warmup_epochs, args.epochs)
     lr_schedule = cosine_scheduler(args.lr * args.batch_size_per_gpu * world / 256.0,
@@ -274,8 +289,9 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
                     momentum_schedule, args, stop, monitor) -> tuple[dict, int]:
     """Steps ``first`` .. ``iters_per_epoch - 1`` of ``epoch``, fewer when ``stop`` is requested
     (the current step is finished first); returns the means over the steps run and the index
-    of the next step."""
-    totals = {"loss": 0.0, "lr": 0.0, "wd": 0.0}
+    of the next step. The host reads device values every ``--check_every`` steps and at the
+    end (progress bar, non-finite check, and under torchrun the stop vote), not every step."""
+    meters, totals, shown = StepMeters(), {"lr": 0.0, "wd": 0.0}, {}
     n_images, start, done = 0, time.perf_counter(), 0
     progress = Progress(iters_per_epoch, f"epoch {epoch}/{args.epochs}", initial=first,
                         enabled=dist_utils.is_main_process())
@@ -286,20 +302,27 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
         it = epoch * iters_per_epoch + i  # global iteration
         # Random draws (drop-path) depend on (seed, step, rank) only: exact mid-epoch resumes.
         seed_everything(epoch_seed(args.seed, it, dist_utils.get_rank()))
-        loss = step(crops, epoch, float(lr_schedule[it]), float(wd_schedule[it]),
-                    float(momentum_schedule[it]), it)  # Python floats: plain checkpoints
+        meters.add(step(crops, epoch, float(lr_schedule[it]), float(wd_schedule[it]),
+                        float(momentum_schedule[it]), it))  # Python floats: plain checkpoints
         monitor.step(step.dino_loss)  # health metrics, summed on the device
-        for key, value in (("loss", loss), ("lr", lr_schedule[it]), ("wd", wd_schedule[it])):
-            totals[key] += float(value)
+        totals["lr"] += float(lr_schedule[it])
+        totals["wd"] += float(wd_schedule[it])
         done += 1
         n_images += crops[0].shape[0] * dist_utils.get_world_size()
-        progress.update(loss=f"{loss:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                        img_s=f"{n_images / (time.perf_counter() - start):.1f}",
-                        **monitor.postfix())
-        if stop.agreed(crops[0].device):
+        check = done % args.check_every == 0 or i == iters_per_epoch - 1  # and the epoch's end
+        if check:
+            step.check_finite()
+            loss = meters.host_values().get("loss", float("nan"))
+            shown = {"loss": f"{loss:.4f}", "lr": f"{lr_schedule[it]:.2e}",
+                     "img_s": f"{n_images / (time.perf_counter() - start):.1f}",
+                     **monitor.postfix()}
+        progress.update(**shown)
+        if (check or not dist_utils.is_dist()) and stop.agreed(crops[0].device):
             break
     progress.close()
-    return {key: value / max(done, 1) for key, value in totals.items()}, first + done
+    step.check_finite()  # before the checkpoint: none holds a non-finite step's state
+    means = {**meters.means(), **{k: v / max(done, 1) for k, v in totals.items()}}
+    return means, first + done
 
 
 def log(message: str):

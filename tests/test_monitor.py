@@ -13,7 +13,8 @@ import torch
 from dino_fast import monitor
 from dino_fast.health import CollapseDetector, CollapseRule
 from dino_fast.online_knn import OnlineKNN
-from tests._training import assert_same_state, load, make_images, run_in_process
+from tests._cli import user_error
+from tests._training import TINY_RUN, assert_same_state, load, make_images, run_in_process
 
 RUN = ["--batch_size_per_gpu", "4", "--max_steps", "2", "--epochs", "2"]
 HEALTH_FIELDS = {"train_teacher_entropy", "train_teacher_entropy_ratio", "train_kl",
@@ -119,14 +120,15 @@ def test_leave_one_out_on_a_labelled_data_path(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def test_bad_knn_flags_are_one_line_errors(tmp_path):
+def test_bad_knn_flags_are_one_line_errors(tmp_path, capsys):
+    from dino_fast import train
     unlabelled = make_images(tmp_path / "flat", 4)
-    with pytest.raises(SystemExit, match="--knn_every: .*class sub-folder"):
-        run_in_process(*RUN, "--data_path", unlabelled, "--output_dir", tmp_path / "o",
-                       "--knn_every", 1)
-    with pytest.raises(SystemExit, match="--val_path is only used by the online k-NN"):
-        run_in_process(*RUN, "--data_path", unlabelled, "--output_dir", tmp_path / "o",
-                       "--val_path", unlabelled)
+    argv = [*TINY_RUN, *RUN, "--data_path", unlabelled, "--output_dir", str(tmp_path / "o")]
+    line = user_error(capsys, train.main, [*argv, "--knn_every", "1"])
+    assert re.search("--knn_every: .*class sub-folder", line), line
+    line = user_error(capsys, train.main, [*argv, "--val_path", unlabelled])
+    assert "--val_path is only used by the online k-NN" in line
+    assert "--knn_every" in user_error(capsys, train.main, [*argv, "--knn_every", "-1"], code=2)
 
 
 def test_stop_on_collapse_stops_with_a_checkpoint(tmp_path, monkeypatch, capsys):

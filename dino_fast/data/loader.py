@@ -18,6 +18,7 @@ from dino_fast.signals import leave_signals_to_main
 
 from .augment import DataAugmentationDINO
 from .folder import ImageFolderDataset, bundled_data_path
+from .prefetch import DeviceCopier
 from .sampling import EpochPlan
 
 KINDS = ("auto", "torch", "dali")
@@ -60,6 +61,7 @@ class TorchLoader:
     def __init__(self, dataset: ImageFolderDataset, plan: EpochPlan, augment: DataAugmentationDINO,
                  num_workers: int, device: torch.device, dtype: torch.dtype):
         self.dataset, self.device, self.dtype = dataset, torch.device(device), dtype
+        self._to_device = DeviceCopier(self.device, dtype)  # CUDA: side stream, one ahead
         self._batches = _EpochBatches(plan)
         self._loader = DataLoader(
             _SeededViews(dataset, augment), batch_sampler=self._batches, num_workers=num_workers,
@@ -75,9 +77,7 @@ class TorchLoader:
         self._batches.epoch, self._batches.first_step = epoch, first_step
 
     def __iter__(self):
-        for crops, labels in self._loader:
-            yield ([c.to(self.device, non_blocking=True).to(self.dtype) for c in crops],
-                   labels.to(self.device, non_blocking=True))
+        return self._to_device(self._loader)
 
 
 def resolve_kind(kind: str, device: torch.device) -> str:
