@@ -4,6 +4,8 @@ one-line :class:`~dino_fast.errors.UserError` naming the file). Commands import 
 here imports a command."""
 import argparse
 
+import torch
+
 from dino_fast.errors import FlagError, UserError
 from dino_fast.flags import MAPS, validate_args
 from dino_fast.models import ARCHS, build_model
@@ -65,3 +67,12 @@ def load_model(checkpoint, arch, patch_size, key):
         return build_model(checkpoint, arch, patch_size, key)
     except (KeyError, RuntimeError, TypeError, ValueError, OSError) as err:
         raise UserError(f"cannot load {checkpoint}: {err}") from err
+
+
+def resolve_device(name: str) -> str:
+    """``cuda`` or ``cpu`` for ``--device`` (``auto``: CUDA when available)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available")
+    return name

@@ -24,8 +24,8 @@ import os
 
 import torch
 
-from dino_fast.cli import add_model_args, bool_flag, load_model
-from dino_fast.errors import FlagError, UserError, add_debug_flag, command
+from dino_fast.cli import add_model_args, bool_flag, load_model, resolve_device
+from dino_fast.errors import FlagError, add_debug_flag, command
 from dino_fast.flags import EVAL_KNN, EVAL_KNN_PATHS, validate_args
 from dino_fast.knn import (build_datasets, dataset_features, knn_scores, load_features,
                            save_features)
@@ -62,15 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default=0, type=int, help="random init and the val split")
     add_debug_flag(p)
     return p
-
-
-def resolve_device(name: str) -> str:
-    """``cuda`` or ``cpu`` for ``--device`` (``auto``: CUDA when available)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available")
-    return name
 
 
 def compute_features(args, device):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dino_fast import distributed as dist_utils
-from dino_fast.cli import add_model_args, bool_flag, load_model
+from dino_fast.cli import add_model_args, bool_flag, load_model, resolve_device
 from dino_fast.errors import add_debug_flag, command
 from dino_fast.flags import EVAL_LINEAR, EVAL_LINEAR_PATHS, validate_args
 from dino_fast.knn import build_datasets
@@ -221,10 +221,7 @@ def main(argv=None) -> dict:
     validate_args(args, EVAL_LINEAR, EVAL_LINEAR_PATHS, parser)
     if (args.val_path is None) == (args.val_split is None):
         parser.error("give one of --val_path and --val_split")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available")
+    args.device = resolve_device(args.device)
     device = dist_utils.init_distributed(args.device)
     if dist_utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)

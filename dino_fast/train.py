@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from dino_fast import distributed as dist_utils
 from dino_fast.checkpoint import WriteError, save_atomic
-from dino_fast.cli import bool_flag, official_arch
+from dino_fast.cli import bool_flag, official_arch, resolve_device
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
@@ -113,10 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_device_and_precision(args):
     """Fill ``args.device`` and ``args.precision`` from ``auto``, with clear errors."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available")
+    args.device = resolve_device(args.device)
     if args.precision == "auto":
         if args.use_fp16 is not None:
             args.precision = "fp16" if args.use_fp16 else "fp32"
