@@ -60,7 +60,8 @@ def compare_runs(reference: str, fast: str, precision: str) -> dict:
 
 
 def images_per_second(output: str, epoch: int) -> float | None:
-    """The last images/s that ``dino_fast.train``'s progress bar showed during ``epoch``."""
+    """The last images/s that ``dino_fast.train``'s progress showed during ``epoch`` (``img_s=``
+    in a terminal's bar, ``img_s N,`` in the plain lines written to a log)."""
     marker = output.rfind(f"epoch {epoch}/")
-    found = re.findall(r"img_s=([0-9.]+)", output[marker:]) if marker >= 0 else []
+    found = re.findall(r"img_s[= ]([0-9.]+)", output[marker:]) if marker >= 0 else []
     return float(found[-1]) if found else None

@@ -79,6 +79,9 @@ def test_printed_tables_and_json_read_back(tmp_path):
     assert read_rows(str(path), text) == parsed
     bar = "epoch 0/2: 1/1 [img_s=3.0]\repoch 1/2: 1/1 [loss=5, img_s=7.5]\n"
     assert images_per_second(bar, epoch=1) == 7.5 and images_per_second(bar, epoch=3) is None
+    lines = ("epoch 0/2: step 1/1 (100%), img_s 3.0, 0m01s\n"  # plain lines, stderr not a tty
+             "epoch 1/2: step 1/1 (100%), loss 5.0000, img_s 7.5, 0m01s\n")
+    assert images_per_second(lines, epoch=1) == 7.5 and images_per_second(lines, epoch=0) == 3.0
 
 
 def _fake_run(folder, losses, step1, step2, center):
