@@ -63,5 +63,7 @@ def images_per_second(output: str, epoch: int) -> float | None:
     """The last images/s that ``dino_fast.train``'s progress showed during ``epoch`` (``img_s=``
     in a terminal's bar, ``img_s N,`` in the plain lines written to a log)."""
     marker = output.rfind(f"epoch {epoch}/")
-    found = re.findall(r"img_s[= ]([0-9.]+)", output[marker:]) if marker >= 0 else []
+    end = output.find(f"epoch {epoch + 1}/", max(marker, 0))
+    shown = output[marker:end if end >= 0 else len(output)]
+    found = re.findall(r"img_s[= ]([0-9.]+)", shown) if marker >= 0 else []
     return float(found[-1]) if found else None
