@@ -137,6 +137,20 @@ def test_recorded_drift_to_uniform_is_flagged_after_warmup():
     assert messages[9].startswith("WARNING: uniform collapse at epoch 9")
 
 
+# Recorded per-epoch (H / ln K, KL) of the healthy learning check (benchmarks/learning_check.py:
+# vit_tiny, K = 1024, 256 photo stamps, 10 warm-up epochs), epochs 10-22, where its teacher is
+# flattest; its 20-NN top-1 keeps rising. KL 0.05 ln K flagged it at epoch 16.
+HEALTHY_LEARNING_CHECK = logged(
+    (0.904, 0.907, 0.910, 0.910, 0.914, 0.906, 0.906, 0.903, 0.903, 0.892, 0.902, 0.893, 0.897),
+    (0.378, 0.387, 0.359, 0.354, 0.346, 0.341, 0.342, 0.367, 0.361, 0.387, 0.391, 0.376, 0.392))
+
+
+def test_recorded_healthy_learning_check_is_not_flagged():
+    detector = CollapseDetector(1024, start_epoch=0)
+    assert [detector.update(epoch, record) for epoch, record in
+            enumerate(HEALTHY_LEARNING_CHECK)] == [None] * len(HEALTHY_LEARNING_CHECK)
+
+
 def test_warmup_epochs_are_not_judged():
     """A collapse signature during the learning-rate warm-up counts for nothing."""
     flat = logged([0.99] * 6, [0.01] * 6)
