@@ -8,17 +8,15 @@ official linear weights). Official settings: n = 4 without pooling for ViT-S (an
 for ViT-B. A linear layer (weights N(0, 0.01), bias 0) is trained with cross-entropy by SGD
 (momentum 0.9, no weight decay) at ``lr * global batch / 256``, cosine-annealed to 0 per epoch.
 """
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
-from tqdm import tqdm
 
 from dino_fast.checkpoint import load_file, save_atomic
 from dino_fast.data.augment import MEAN, STD
 from dino_fast.distributed import get_world_size, is_dist
+from dino_fast.progress import track
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"  # as official
 
@@ -99,7 +97,7 @@ def train_one_epoch(featurize, classifier, optimizer, loader, device, desc="trai
     Returns the loss averaged over all processes' batches and the lr."""
     classifier.train()
     loss_sum, count = 0.0, 0
-    for inputs, target in tqdm(loader, desc=desc, file=sys.stderr, dynamic_ncols=True):
+    for inputs, target in track(loader, desc):
         inputs = inputs.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.no_grad():
@@ -119,7 +117,7 @@ def validate(featurize, classifier, loader, num_labels: int, device, desc="val")
     (every process evaluates the whole val set, as official)."""
     classifier.eval()
     loss_sum = correct1 = correct5 = seen = 0.0
-    for inputs, target in tqdm(loader, desc=desc, file=sys.stderr, dynamic_ncols=True):
+    for inputs, target in track(loader, desc):
         inputs, target = inputs.to(device), target.to(device)
         output = classifier(featurize(inputs))
         loss_sum += F.cross_entropy(output, target, reduction="sum").item()
@@ -142,7 +140,7 @@ def extract_features(featurize, dataset, batch_size: int, num_workers: int, devi
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     features, labels = [], []
-    for images, target in tqdm(loader, desc=desc, file=sys.stderr, dynamic_ncols=True):
+    for images, target in track(loader, desc):
         features.append(featurize(images.to(device)).cpu())
         labels.append(torch.as_tensor(target))
     return torch.utils.data.TensorDataset(torch.cat(features), torch.cat(labels))
