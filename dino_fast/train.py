@@ -253,8 +253,9 @@ def train(args) -> dict:
                         "momentum": float(momentum_schedule[(epoch + 1) * iters_per_epoch - 1]),
                         "images": done * args.batch_size_per_gpu * world})
             if stop.agreed(device):
-                log(f"stopped by a signal after step {done} of epoch {epoch}; {ckpt_path} "
-                    "written: run the same command to resume")
+                log(f"stopped by a signal after step {save_dict['iteration']} of epoch "
+                    f"{save_dict['epoch']} (where it resumes); {ckpt_path} written: run the "
+                    "same command to resume")
                 break
             if monitor.should_stop:
                 log(f"stopped by --stop_on_collapse after epoch {epoch}; {ckpt_path} written")
