@@ -17,10 +17,12 @@ Configurations, measured in one run:
 ``host_cpu_ms`` is the CPU time this process spent per step (median): on a GPU the host's
 launch work, on a shared CPU a measure that other processes' load does not inflate (run with
 one thread). ``ops_per_step`` counts dispatched ATen operators (each at least one kernel
-launch on a GPU; inside a compiled graph only the operators inductor leaves to ATen),
-``syncs_per_step`` the values read back to the host (``dino_fast.dispatch_count``), the fast
-configurations' periodic check amortised. On the CPU the official count includes reads of CPU-resident scalars (the
-default AdamW's for-loop reads each parameter's step count), which on a GPU are no device sync.
+launch on a GPU), ``syncs_per_step`` the values read back to the host
+(``dino_fast.dispatch_count``), the fast configurations' periodic check amortised. Neither is
+counted for ``fast+compile``: compiled frames do not run under the counter's dispatch mode
+(Dynamo refuses them), so that row gives the kernels inductor generated instead. On the CPU the
+official count includes reads of CPU-resident scalars (the default AdamW's for-loop reads each
+parameter's step count), which on a GPU are no device sync.
 
 MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
 matmul rate measured on an H100/H200 (../shared/GPU.md).
@@ -110,7 +112,8 @@ def configurations(args, cuda: bool) -> dict:
 
 
 def run_config(args, device, name, cfg, crops) -> dict:
-    """Time one configuration, then count its operators and syncs over 2 warm steps."""
+    """Time one configuration, then count its operators and syncs over 2 warm steps (not for
+    a compiled one: there the generated kernels are counted instead)."""
     state = {"it": 0, "host_s": []}
     with use_backend(cfg["backend"]):
         step = build_step(args, device, cfg)
@@ -126,13 +129,9 @@ def run_config(args, device, name, cfg, crops) -> dict:
         kernels_before = _generated_kernels()
         ms = measure(one_step, warmup=2, repeats=args.repeats, device=device)
         kernels = _generated_kernels() - kernels_before if cfg["compile"] else None
-        state["it"] = 1  # the next two steps hold no periodic check: count it amortised below
-        with DispatchCounter() as counter:
-            for _ in range(2):
-                step(crops, 1, 1e-4, 0.04, 0.996, state["it"])
-                if cfg["official"]:
-                    step.check_finite()
-    syncs = counter.total_syncs / 2 + (0 if cfg["official"] else 1 / args.check_every)
+        ops = syncs = None
+        if not cfg["compile"]:  # a dispatch mode stops compiled frames from running at all
+            ops, syncs = count_dispatches(step, crops, cfg["official"], args.check_every)
     images_s = args.batch / (ms / 1e3)
     gflop = dino_step_flops(args.arch, args.patch_size, args.global_size, args.local_size,
                             args.local_crops, args.out_dim) / 1e9
@@ -145,8 +144,18 @@ def run_config(args, device, name, cfg, crops) -> dict:
             "host_cpu_ms": 1e3 * statistics.median(state["host_s"][-args.repeats:]),
             "mfu_pct": (100 * images_s * gflop / 1e3 / PEAK_TFLOPS
                         if device.type == "cuda" else None),
-            "ops_per_step": counter.total_ops / 2, "syncs_per_step": syncs,
-            "generated_kernels": kernels}
+            "ops_per_step": ops, "syncs_per_step": syncs, "generated_kernels": kernels}
+
+
+def count_dispatches(step, crops, official: bool, check_every: int) -> tuple[float, float]:
+    """Operators dispatched and host syncs per step over 2 warm steps (eager steps only), the
+    fast configurations' periodic check amortised."""
+    with DispatchCounter() as counter:
+        for it in (1, 2):  # no periodic check falls on these: it is counted amortised below
+            step(crops, 1, 1e-4, 0.04, 0.996, it)
+            if official:
+                step.check_finite()
+    return counter.total_ops / 2, counter.total_syncs / 2 + (0 if official else 1 / check_every)
 
 
 def _generated_kernels() -> int:

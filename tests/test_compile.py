@@ -51,3 +51,29 @@ def test_train_step_compiles_once_across_epochs():
         losses = [step(crops, epoch, 1e-3 * (epoch + 1), 0.04, 0.99)["loss"]
                   for epoch in range(3)]
     assert torch.stack(losses).isfinite().all()
+
+
+def test_benchmark_compiled_configuration_runs_and_counts_kernels(monkeypatch):
+    """``benchmarks/train_step.py --configs fast+compile``: compiled frames refuse to run under
+    the dispatch counter, so its row counts generated kernels, not dispatches (it crashed)."""
+    from benchmarks import train_step
+    args = train_step.parse_args(["--device", "cpu", "--repeats", "1", "--batch", "2",
+                                  "--local_crops", "1", "--global_size", "32",
+                                  "--local_size", "16", "--out_dim", "64"])
+
+    def tiny_compiled_step(args, device, cfg):
+        torch.manual_seed(0)
+        student, teacher = wrapper("sdpa"), wrapper("sdpa")
+        teacher.load_state_dict(student.state_dict())
+        step = TrainStep(student, teacher, DINOLoss(64, 3, 0.04, 0.04, 0, 10),
+                         build_optimizer("adamw", get_params_groups(student)),
+                         TeacherEMA(student, teacher))
+        step.forward = torch.compile(step._forward, fullgraph=True, backend="aot_eager")
+        return step
+
+    monkeypatch.setattr(train_step, "build_step", tiny_compiled_step)
+    cfg = train_step.configurations(args, cuda=False)["fast+compile"]
+    row = train_step.run_config(args, torch.device("cpu"), "fast+compile", cfg,
+                                train_step.random_crops(args, torch.device("cpu")))
+    assert row["ops_per_step"] is None and row["syncs_per_step"] is None
+    assert row["generated_kernels"] == 0 and row["images_s"] > 0  # aot_eager generates none
