@@ -1,6 +1,6 @@
 """Per-epoch sums of the training step's device values (the loss and whatever else the step
-returns), kept on the device so that no step waits on the host; the progress bar gets its
-values through a non-blocking copy into pinned host memory, read once it has landed."""
+returns), kept on the device so that no step waits on the host; the progress bar reads the
+latest values only where the host has just waited for the device anyway (the periodic check)."""
 import torch
 
 from dino_fast.distributed import all_reduce_mean
@@ -12,8 +12,6 @@ class StepMeters:
     def __init__(self):
         self.sums, self.count = {}, 0
         self._latest = None
-        self._copy = None  # (names, pinned host values, CUDA event) of the copy in flight
-        self.shown = {}  # the latest values that reached the host
 
     @torch.no_grad()
     def add(self, values: dict):
@@ -27,27 +25,15 @@ class StepMeters:
         self.count += 1
         self._latest = values
 
+    @torch.no_grad()
     def host_values(self) -> dict:
-        """The latest values as floats, for display, without waiting for the device: on CUDA a
-        copy of the latest step's values is started and the previous copy's values returned
-        once it has arrived (so they can be a few steps old); on the CPU the values now."""
+        """The latest step's values as floats, for display. A read from the device: call it
+        right after a host read that has waited for the step already (``check_finite``), where
+        it adds no wait of its own."""
         if self._latest is None:
-            return self.shown
+            return {}
         names = sorted(self._latest)
-        stacked = torch.stack([self._latest[n].detach().float() for n in names])
-        if stacked.device.type != "cuda":
-            self.shown = dict(zip(names, stacked.numpy().tolist()))
-            return self.shown
-        if self._copy is not None and self._copy[2].query():
-            self.shown = dict(zip(self._copy[0], self._copy[1].tolist()))
-            self._copy = None
-        if self._copy is None:
-            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-            host.copy_(stacked, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._copy = (names, host, event)
-        return self.shown
+        return dict(zip(names, torch.stack([self._latest[n].float() for n in names]).tolist()))
 
     def means(self) -> dict:
         """The epoch means over the steps added and over all processes (one host read, a

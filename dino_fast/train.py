@@ -23,7 +23,7 @@ from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.ema import TeacherEMA
 from dino_fast.engine import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
-from dino_fast.errors import add_debug_flag, command
+from dino_fast.errors import UserError, add_debug_flag, command
 from dino_fast.flags import check_train_args
 from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
@@ -159,9 +159,9 @@ def checkpoint_on_every_rank(path, device) -> bool:
     ``--output_dir`` that all nodes share); otherwise every process stops with that cause."""
     exists = os.path.isfile(path)
     if dist_utils.any_process(exists, device) and dist_utils.any_process(not exists, device):
-        raise SystemExit(f"{path} exists for some processes only (rank {dist_utils.get_rank()} "
-                         f"{'sees' if exists else 'does not see'} it): --output_dir must be a "
-                         "folder that every node shares")
+        raise UserError(f"{path} exists for some processes only (rank {dist_utils.get_rank()} "
+                        f"{'sees' if exists else 'does not see'} it): --output_dir must be a "
+                        "folder that every node shares")
     return exists
 
 
@@ -287,8 +287,9 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
                     momentum_schedule, args, stop, monitor) -> tuple[dict, int]:
     """Steps ``first`` .. ``iters_per_epoch - 1`` of ``epoch``, fewer when ``stop`` is requested
     (the current step is finished first); returns the means over the steps run and the index
-    of the next step. The host reads device values every ``--check_every`` steps and at the
-    end (progress bar, non-finite check, and under torchrun the stop vote), not every step."""
+    of the next step. The host reads device values at the first step, every ``--check_every``
+    steps and at the end (progress bar, non-finite check, and under torchrun the stop vote),
+    not every step."""
     meters, totals, shown = StepMeters(), {"lr": 0.0, "wd": 0.0}, {}
     n_images, start, done = 0, time.perf_counter(), 0
     progress = Progress(iters_per_epoch, f"epoch {epoch}/{args.epochs}", initial=first,
@@ -307,10 +308,11 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
         totals["wd"] += float(wd_schedule[it])
         done += 1
         n_images += crops[0].shape[0] * dist_utils.get_world_size()
-        check = done % args.check_every == 0 or i == iters_per_epoch - 1  # and the epoch's end
+        # the epoch's first step too: the progress shows values from its first line on
+        check = done % args.check_every == 0 or done == 1 or i == iters_per_epoch - 1
         if check:
             step.check_finite()
-            loss = meters.host_values().get("loss", float("nan"))
+            loss = meters.host_values()["loss"]
             shown = {"loss": f"{loss:.4f}", "lr": f"{lr_schedule[it]:.2e}",
                      "img_s": f"{n_images / (time.perf_counter() - start):.1f}",
                      **monitor.postfix()}

@@ -180,3 +180,15 @@ def test_training_stops_at_the_check_naming_the_first_non_finite_step(tmp_path, 
     err = capsys.readouterr().err
     assert "loss is nan at step 1 (epoch 0)" in err and "at step 2, the latest" in err
     assert not (out / "checkpoint.pth").exists()
+
+
+def test_plain_progress_lines_show_the_loss_from_the_first_line(tmp_path, capsys):
+    """In a log (stderr not a terminal) the first progress line of an epoch comes before the
+    first ``--check_every`` step: the epoch's first step is read too, so no line lacks the loss."""
+    from _training import make_images, run_in_process
+    data = make_images(tmp_path / "images", 8)
+    run_in_process("--data_path", data, "--batch_size_per_gpu", 2, "--epochs", 1,
+                   "--check_every", 10, "--output_dir", tmp_path / "out")
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": step " in line]
+    assert len(lines) == 4, lines  # 4 steps, a tenth of the epoch is one step
+    assert all(", loss " in line and ", img_s " in line for line in lines), lines
