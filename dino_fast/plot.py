@@ -9,6 +9,7 @@ import argparse
 import os
 
 from dino_fast.curves import draw, log_path, read_log
+from dino_fast.errors import MissingDependencyError, UserError, add_debug_flag, command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="image file (default: RUN/curves.png for one "
                    "run, compare.png for several)")
     p.add_argument("--title", default=None)
+    add_debug_flag(p)
     return p
 
 
@@ -30,6 +32,7 @@ def default_label(run: str) -> str:
     return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
 
 
+@command
 def main(argv=None) -> str:
     """Entry point; returns the image path written."""
     parser = build_parser()
@@ -44,17 +47,17 @@ def main(argv=None) -> str:
         try:
             runs[label] = read_log(log_path(run))
         except (OSError, ValueError) as err:
-            raise SystemExit(f"cannot read {run}: {err}") from err
+            raise UserError(f"cannot read {run}: {err}") from err
     output = args.output or (os.path.join(args.runs[0], "curves.png")
                              if len(args.runs) == 1 and os.path.isdir(args.runs[0])
                              else "compare.png")
     try:
         draw(runs, output, args.title)
     except ImportError as err:
-        raise SystemExit("dino_fast.plot needs matplotlib: pip install 'dino-fast[monitor]'"
-                         ) from err
+        raise MissingDependencyError("dino_fast.plot needs matplotlib: pip install "
+                                     "'dino-fast[monitor]'") from err
     except ValueError as err:
-        raise SystemExit(str(err)) from err
+        raise UserError(str(err)) from err
     print(f"wrote {output}")
     return output
 

@@ -12,6 +12,7 @@ import os
 import tempfile
 
 from dino_fast.checkpoint import load_checkpoint, saved_args, verify_archive
+from dino_fast.errors import UserError
 from dino_fast.models.pretrained import normalize_keys
 
 # Flags that change the shapes or the kind of the saved state.
@@ -20,20 +21,20 @@ STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "optimizer", "use_bn_in_hea
 
 
 def check_output_dir(path: str):
-    """Exit with the cause unless files can be created in ``path`` (or, when it does not exist
+    """Raise :class:`UserError` with the cause unless files can be created in ``path`` (or, when it does not exist
     yet, in its nearest existing parent, where it will be created). Creates nothing."""
     folder = os.path.abspath(path)
     while not os.path.isdir(folder):
         if os.path.exists(folder):
-            raise SystemExit(f"--output_dir {path}: {folder} exists and is not a folder")
+            raise UserError(f"--output_dir {path}: {folder} exists and is not a folder")
         folder = os.path.dirname(folder)
     try:  # a real write: permission bits do not stop root, a read-only mount does
         fd, probe = tempfile.mkstemp(prefix=".dino_fast-write-test-", dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise SystemExit(f"--output_dir {path} is not writable ({folder}: {err.strerror}): "
-                         "choose a folder you can write to") from err
+        raise UserError(f"--output_dir {path} is not writable ({folder}: {err.strerror}): "
+                        "choose a folder you can write to") from err
 
 
 def intact_periodic_checkpoint(folder: str):
@@ -66,7 +67,7 @@ def _same(name: str, saved, wanted) -> bool:
 
 
 def check_compatible(path: str, ckpt: dict, args):
-    """Exit naming every structural flag on which ``args`` and the checkpoint disagree."""
+    """Raise :class:`UserError` naming every structural flag on which ``args`` and the checkpoint disagree."""
     saved = saved_args(ckpt)
     if "optimizer" not in saved and _optimizer_kind(ckpt["optimizer"]):
         saved = {**saved, "optimizer": _optimizer_kind(ckpt["optimizer"])}
@@ -75,12 +76,12 @@ def check_compatible(path: str, ckpt: dict, args):
               if name in saved and hasattr(args, name)
               and not _same(name, saved[name], getattr(args, name))]
     if differ:
-        raise SystemExit(f"cannot resume from {path}: it was trained with {', '.join(differ)}. "
-                         "Use the checkpoint's values, or another --output_dir for a new run")
+        raise UserError(f"cannot resume from {path}: it was trained with {', '.join(differ)}. "
+                        "Use the checkpoint's values, or another --output_dir for a new run")
 
 
 def _read(path: str) -> dict:
-    """The checkpoint at ``path``; a damaged or unreadable one exits naming the way out."""
+    """The checkpoint at ``path``; a damaged or unreadable one is refused naming the way out."""
     try:
         return load_checkpoint(path)
     except RuntimeError as err:
@@ -92,7 +93,7 @@ def _read(path: str) -> dict:
         else:
             way_out = (f"no intact checkpointNNNN.pth in {folder}: move {path} away to start "
                        "over")
-        raise SystemExit(f"refusing to resume: {err}; {way_out}") from err
+        raise UserError(f"refusing to resume: {err}; {way_out}") from err
 
 
 def resume(path, args, student, teacher, optimizer, dino_loss, scaler) -> tuple[int, int]:
@@ -107,8 +108,8 @@ def resume(path, args, student, teacher, optimizer, dino_loss, scaler) -> tuple[
             dino_loss.load_state_dict(ckpt["dino_loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        raise SystemExit(f"{path} does not match this run's model/optimizer (different --arch, "
-                         f"--out_dim, --patch_size or --optimizer?): {err}") from err
+        raise UserError(f"{path} does not match this run's model/optimizer (different --arch, "
+                        f"--out_dim, --patch_size or --optimizer?): {err}") from err
     if scaler is not None and "fp16_scaler" in ckpt:
         scaler.load_state_dict(ckpt["fp16_scaler"])
     return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))

@@ -17,6 +17,7 @@ import zipfile
 import pytest
 import torch
 
+from _cli import user_error_and_output
 from _training import load, make_images, run_in_process
 
 FLAGS = ["--batch_size_per_gpu", "4", "--saveckp_freq", "1"]
@@ -41,6 +42,14 @@ def copy_run(finished_run, tmp_path, *names):
     return data, target
 
 
+def refused(capsys, run, *flags) -> str:
+    """The one ``error:`` line with which ``run(*flags)`` (a ``train.main`` call) refuses,
+    before training started."""
+    line, out = user_error_and_output(capsys, lambda argv: run(*argv), flags)
+    assert "training vit_tiny" not in out
+    return line
+
+
 def train_again(data, out, *flags):
     run_in_process("--data_path", data, *FLAGS, "--output_dir", out, *flags)
 
@@ -57,15 +66,14 @@ def damage(path):
         f.write(bytes(b ^ 0xFF for b in block))
 
 
-def test_damaged_checkpoint_is_refused_naming_an_intact_one(finished_run, tmp_path):
+def test_damaged_checkpoint_is_refused_naming_an_intact_one(finished_run, tmp_path, capsys):
     data, out = copy_run(finished_run, tmp_path, "checkpoint.pth", "checkpoint0000.pth",
                          "checkpoint0001.pth")
     damage(out / "checkpoint.pth")
     damage(out / "checkpoint0001.pth")
     before = (out / "checkpoint.pth").read_bytes()
-    with pytest.raises(SystemExit, match="damaged") as err:
-        train_again(data, out, "--epochs", 3)
-    message = str(err.value)
+    message = refused(capsys, train_again, data, out, "--epochs", 3)
+    assert "damaged" in message
     assert str(out / "checkpoint.pth") in message
     assert f"newest intact checkpoint is {out / 'checkpoint0000.pth'}" in message
     assert (out / "checkpoint.pth").read_bytes() == before  # nothing trained, nothing written
@@ -83,14 +91,14 @@ def test_damaged_checkpoint_is_refused_by_the_model_loaders(finished_run, tmp_pa
 
 @pytest.mark.parametrize("keep_args", [True, False])
 def test_resume_with_another_optimizer_is_refused_before_training(finished_run, tmp_path,
-                                                                  keep_args):
+                                                                  capsys, keep_args):
     data, out = copy_run(finished_run, tmp_path, "checkpoint.pth")
     if not keep_args:  # the optimizer's kind is then read from its saved state
         ckpt = load(out / "checkpoint.pth")
         del ckpt["args"]
         torch.save(ckpt, out / "checkpoint.pth")
-    with pytest.raises(SystemExit, match=r"trained with --optimizer adamw \(this run: sgd\)"):
-        train_again(data, out, "--epochs", 3, "--optimizer", "sgd")
+    assert "trained with --optimizer adamw (this run: sgd)" in refused(
+        capsys, train_again, data, out, "--epochs", 3, "--optimizer", "sgd")
 
 
 def test_checkpoints_load_with_plain_torch_load_and_old_ones_still_resume(finished_run,
@@ -102,8 +110,8 @@ def test_checkpoints_load_with_plain_torch_load_and_old_ones_still_resume(finish
     torch.save(ckpt, out / "checkpoint.pth")
     train_again(data, out, "--epochs", 2, "--optimizer", "adamw")  # read, checked, finished
     assert "training has finished" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--optimizer adamw"):  # its args are read too
-        train_again(data, out, "--epochs", 3, "--optimizer", "lars")
+    assert "--optimizer adamw" in refused(  # its args are read too
+        capsys, train_again, data, out, "--epochs", 3, "--optimizer", "lars")
 
 
 def test_finished_run_started_again_says_so(finished_run, tmp_path, capsys):
@@ -190,8 +198,9 @@ def test_unwritable_output_dir_is_refused_before_the_first_step(finished_run, tm
     data, _ = finished_run
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match="a_file exists and is not a folder"):
-        run_in_process("--data_path", data, "--epochs", 1, "--output_dir", blocker / "out")
+    assert "a_file exists and is not a folder" in refused(
+        capsys, run_in_process, "--data_path", data, "--epochs", 1, "--output_dir",
+        blocker / "out")
     read_only = tmp_path / "read_only"
     if os.geteuid() == 0:  # permission bits do not stop root: a read-only mount does
         read_only.mkdir()
@@ -202,12 +211,11 @@ def test_unwritable_output_dir_is_refused_before_the_first_step(finished_run, tm
     else:
         read_only.mkdir(mode=0o555)
     try:
-        with pytest.raises(SystemExit, match="is not writable"):
-            run_in_process("--data_path", data, "--epochs", 1, "--output_dir", read_only)
+        assert "is not writable" in refused(capsys, run_in_process, "--data_path", data,
+                                            "--epochs", 1, "--output_dir", read_only)
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(read_only)], check=False, capture_output=True, timeout=30)
-    assert "training vit_tiny" not in capsys.readouterr().out
 
 
 def test_run_that_never_starts_creates_no_output_dir(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dino_fast.checkpoint import load_checkpoint
+from dino_fast.errors import UserError
 from dino_fast.train import build_parser, train
 
 TINY = ["--arch", "vit_tiny", "--out_dim", "256", "--batch_size_per_gpu", "2",
@@ -70,5 +71,5 @@ def test_resume_equals_uninterrupted(two_epochs, tmp_path, capsys):
 def test_resume_with_another_arch_is_a_clear_error(two_epochs, tmp_path):
     out, _ = two_epochs
     shutil.copy(out / "checkpoint.pth", tmp_path / "checkpoint.pth")
-    with pytest.raises(SystemExit, match=r"trained with --out_dim 256 \(this run: 128\)"):
+    with pytest.raises(UserError, match=r"trained with --out_dim 256 \(this run: 128\)"):
         run(tmp_path, "--epochs", "3", "--out_dim", "128")
