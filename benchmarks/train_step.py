@@ -22,7 +22,10 @@ launch on a GPU), ``syncs_per_step`` the values read back to the host
 counted for ``fast+compile``: compiled frames do not run under the counter's dispatch mode
 (Dynamo refuses them), so that row gives the kernels inductor generated instead. On the CPU the
 official count includes reads of CPU-resident scalars (the default AdamW's for-loop reads each
-parameter's step count), which on a GPU are no device sync.
+parameter's step count), which on a GPU are no device sync. On CUDA every row also gives
+``gpu_kernels_per_step`` (kernels, copies and memsets that ran on the GPU) and
+``cuda_syncs_per_step`` (the host's waits on CUDA), both from ``torch.profiler``, which sees
+compiled and CUDA-graph steps too: the launches the whole step costs.
 
 MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
 matmul rate measured on an H100/H200 (../shared/GPU.md).
@@ -33,8 +36,8 @@ matmul rate measured on an H100/H200 (../shared/GPU.md).
 
 ``--json PATH`` writes ``{"environment": {...}, "args": {...}, "rows": [{config, arch, batch,
 crops, K, precision, pack, compile_mode, step_ms, host_cpu_ms, images_s, speedup,
-gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels}, ...]}`` (absent
-values are null).
+gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels,
+gpu_kernels_per_step, cuda_syncs_per_step}, ...]}`` (absent values are null).
 """
 import argparse
 import json
@@ -44,6 +47,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, measure, print_table, write_results  # noqa: E402
@@ -59,7 +63,8 @@ from dino_fast.train import build_models, build_parser  # noqa: E402
 
 PEAK_TFLOPS = 790.0
 COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "host_cpu_ms",
-           "images_s", "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels"]
+           "images_s", "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels",
+           "gpu_kernels_per_step", "cuda_syncs_per_step"]
 
 
 class PerParameterEMA:
@@ -113,7 +118,8 @@ def configurations(args, cuda: bool) -> dict:
 
 def run_config(args, device, name, cfg, crops) -> dict:
     """Time one configuration, then count its operators and syncs over 2 warm steps (not for
-    a compiled one: there the generated kernels are counted instead)."""
+    a compiled one: there the generated kernels are counted instead) and, on CUDA, the GPU
+    kernels and CUDA syncs the profiler sees."""
     state = {"it": 0, "host_s": []}
     with use_backend(cfg["backend"]):
         step = build_step(args, device, cfg)
@@ -129,9 +135,12 @@ def run_config(args, device, name, cfg, crops) -> dict:
         kernels_before = _generated_kernels()
         ms = measure(one_step, warmup=2, repeats=args.repeats, device=device)
         kernels = _generated_kernels() - kernels_before if cfg["compile"] else None
-        ops = syncs = None
+        ops = syncs = gpu_kernels = cuda_syncs = None
         if not cfg["compile"]:  # a dispatch mode stops compiled frames from running at all
             ops, syncs = count_dispatches(step, crops, cfg["official"], args.check_every)
+        if device.type == "cuda":
+            gpu_kernels, cuda_syncs = profile_gpu_work(step, crops, cfg["official"],
+                                                       args.check_every)
     images_s = args.batch / (ms / 1e3)
     gflop = dino_step_flops(args.arch, args.patch_size, args.global_size, args.local_size,
                             args.local_crops, args.out_dim) / 1e9
@@ -144,18 +153,58 @@ def run_config(args, device, name, cfg, crops) -> dict:
             "host_cpu_ms": 1e3 * statistics.median(state["host_s"][-args.repeats:]),
             "mfu_pct": (100 * images_s * gflop / 1e3 / PEAK_TFLOPS
                         if device.type == "cuda" else None),
-            "ops_per_step": ops, "syncs_per_step": syncs, "generated_kernels": kernels}
+            "ops_per_step": ops, "syncs_per_step": syncs, "generated_kernels": kernels,
+            "gpu_kernels_per_step": gpu_kernels, "cuda_syncs_per_step": cuda_syncs}
+
+
+def two_warm_steps(step, crops, official: bool):
+    """Two more steps; no periodic check falls on them (callers count it amortised)."""
+    for it in (1, 2):
+        step(crops, 1, 1e-4, 0.04, 0.996, it)
+        if official:
+            step.check_finite()
+
+
+def amortised_check(official: bool, check_every: int) -> float:
+    """Host syncs per step of the fast configurations' periodic check."""
+    return 0 if official else 1 / check_every
 
 
 def count_dispatches(step, crops, official: bool, check_every: int) -> tuple[float, float]:
-    """Operators dispatched and host syncs per step over 2 warm steps (eager steps only), the
-    fast configurations' periodic check amortised."""
+    """Operators dispatched and host syncs per step over 2 warm steps (eager steps only)."""
     with DispatchCounter() as counter:
-        for it in (1, 2):  # no periodic check falls on these: it is counted amortised below
-            step(crops, 1, 1e-4, 0.04, 0.996, it)
-            if official:
-                step.check_finite()
-    return counter.total_ops / 2, counter.total_syncs / 2 + (0 if official else 1 / check_every)
+        two_warm_steps(step, crops, official)
+    return counter.total_ops / 2, counter.total_syncs / 2 + amortised_check(official, check_every)
+
+
+# CUDA runtime calls with which the host waits for the device
+CUDA_SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize",
+                             "cudaEventSynchronize"})
+
+
+def profile_gpu_work(step, crops, official: bool, check_every: int):
+    """GPU kernels (with copies and memsets) run and host waits on CUDA, per step over 2 warm
+    steps, from ``torch.profiler``: seen for compiled and CUDA-graph steps too, which the
+    dispatch counter cannot observe. ``(None, None)`` when the profiler saw no GPU activity
+    (no CUPTI in this environment)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        two_warm_steps(step, crops, official)
+        torch.cuda.synchronize()  # every kernel finished inside the window; not counted
+    kernels, syncs = count_gpu_events(prof.events())
+    if kernels == 0:
+        print("note: the profiler recorded no GPU activity; kernel counts left out",
+              file=sys.stderr)
+        return None, None
+    return kernels / 2, (syncs - 1) / 2 + amortised_check(official, check_every)
+
+
+def count_gpu_events(events) -> tuple[int, int]:
+    """``(GPU activities other than annotations, CUDA sync calls)`` among profiler events."""
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False))
+    syncs = sum(1 for e in events if e.name in CUDA_SYNC_CALLS)
+    return kernels, syncs
 
 
 def _generated_kernels() -> int:

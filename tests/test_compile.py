@@ -77,3 +77,22 @@ def test_benchmark_compiled_configuration_runs_and_counts_kernels(monkeypatch):
                                 train_step.random_crops(args, torch.device("cpu")))
     assert row["ops_per_step"] is None and row["syncs_per_step"] is None
     assert row["generated_kernels"] == 0 and row["images_s"] > 0  # aot_eager generates none
+
+
+def test_benchmark_gpu_event_count_leaves_out_annotations():
+    """The GPU columns of ``benchmarks/train_step.py`` (CUDA only) count the profiler's device
+    activities, not the GPU-timeline copies of ``record_function`` ranges, and CUDA syncs."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.train_step import count_gpu_events
+
+    def event(name, device, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation)
+    events = [event("aten::mm", DeviceType.CPU), event("cudaLaunchKernel", DeviceType.CPU),
+              event("sm90_xmma_gemm", DeviceType.CUDA), event("Memcpy DtoH", DeviceType.CUDA),
+              event("dino_fast::ema_", DeviceType.CUDA, annotation=True),
+              event("cudaStreamSynchronize", DeviceType.CPU),
+              event("cudaDeviceSynchronize", DeviceType.CPU)]
+    assert count_gpu_events(events) == (2, 2)
