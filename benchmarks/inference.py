@@ -21,7 +21,6 @@ import tempfile
 
 import torch
 from torch import nn
-from torch.ao.quantization import quantize_dynamic
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import measure, print_table, write_json, write_results  # noqa: E402
@@ -54,6 +53,18 @@ def onnx_runner(vit, folder: str, arch: str, threads: int, precision: str = "fp3
     return predictor.run, predictor.provider.removesuffix("ExecutionProvider")
 
 
+def eager_int8(vit):
+    """PyTorch's dynamic int8 quantization of the Linear layers (a CPU baseline), or None where
+    this torch no longer has ``torch.ao.quantization`` (deprecated since 2.10)."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        print("note: this torch has no torch.ao.quantization; the eager int8 row is left out",
+              file=sys.stderr)
+        return None
+    return quantize_dynamic(copy.deepcopy(vit), {nn.Linear}, dtype=torch.qint8)
+
+
 def runners(vit, arch: str, threads: int, folder: str, compile_: bool,
             onnx_precisions: list[str] | None = None) -> dict:
     """The backends to compare, by name (eager fp32 first: the baseline)."""
@@ -62,8 +73,9 @@ def runners(vit, arch: str, threads: int, folder: str, compile_: bool,
     if cuda:
         named["pytorch eager bf16"] = torch_runner(vit, torch.bfloat16)
     else:
-        int8_vit = quantize_dynamic(copy.deepcopy(vit), {nn.Linear}, dtype=torch.qint8)
-        named["pytorch eager int8"] = torch_runner(int8_vit)
+        int8_vit = eager_int8(vit)
+        if int8_vit is not None:
+            named["pytorch eager int8"] = torch_runner(int8_vit)
     if compile_:
         named["torch.compile fp32"] = torch_runner(vit, compile_=True)
     for precision in onnx_precisions or ["fp32", "fp16" if cuda else "int8"]:
