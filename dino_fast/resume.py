@@ -21,8 +21,9 @@ STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "optimizer", "use_bn_in_hea
 
 
 def check_output_dir(path: str):
-    """Raise :class:`UserError` with the cause unless files can be created in ``path`` (or, when it does not exist
-    yet, in its nearest existing parent, where it will be created). Creates nothing."""
+    """Raise :class:`UserError` with the cause unless files can be created in ``path`` (or,
+    when it does not exist yet, in its nearest existing parent, where it will be created).
+    Creates nothing."""
     folder = os.path.abspath(path)
     while not os.path.isdir(folder):
         if os.path.exists(folder):
@@ -67,7 +68,8 @@ def _same(name: str, saved, wanted) -> bool:
 
 
 def check_compatible(path: str, ckpt: dict, args):
-    """Raise :class:`UserError` naming every structural flag on which ``args`` and the checkpoint disagree."""
+    """Raise :class:`UserError` naming every structural flag on which ``args`` and the
+    checkpoint disagree."""
     saved = saved_args(ckpt)
     if "optimizer" not in saved and _optimizer_kind(ckpt["optimizer"]):
         saved = {**saved, "optimizer": _optimizer_kind(ckpt["optimizer"])}
