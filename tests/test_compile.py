@@ -53,6 +53,16 @@ def test_train_step_compiles_once_across_epochs():
     assert torch.stack(losses).isfinite().all()
 
 
+def tiny_step() -> TrainStep:
+    """A fresh step over two ``wrapper("sdpa")`` models (K = 64, 3 crops)."""
+    torch.manual_seed(0)
+    student, teacher = wrapper("sdpa"), wrapper("sdpa")
+    teacher.load_state_dict(student.state_dict())
+    return TrainStep(student, teacher, DINOLoss(64, 3, 0.04, 0.04, 0, 10),
+                     build_optimizer("adamw", get_params_groups(student)),
+                     TeacherEMA(student, teacher))
+
+
 def test_benchmark_compiled_configuration_runs_and_counts_kernels(monkeypatch):
     """``benchmarks/train_step.py --configs fast+compile``: compiled frames refuse to run under
     the dispatch counter, so its row counts generated kernels, not dispatches (it crashed)."""
@@ -62,12 +72,7 @@ def test_benchmark_compiled_configuration_runs_and_counts_kernels(monkeypatch):
                                   "--local_size", "16", "--out_dim", "64"])
 
     def tiny_compiled_step(args, device, cfg):
-        torch.manual_seed(0)
-        student, teacher = wrapper("sdpa"), wrapper("sdpa")
-        teacher.load_state_dict(student.state_dict())
-        step = TrainStep(student, teacher, DINOLoss(64, 3, 0.04, 0.04, 0, 10),
-                         build_optimizer("adamw", get_params_groups(student)),
-                         TeacherEMA(student, teacher))
+        step = tiny_step()
         step.forward = torch.compile(step._forward, fullgraph=True, backend="aot_eager")
         return step
 
@@ -96,3 +101,13 @@ def test_benchmark_gpu_event_count_leaves_out_annotations():
               event("cudaStreamSynchronize", DeviceType.CPU),
               event("cudaDeviceSynchronize", DeviceType.CPU)]
     assert count_gpu_events(events) == (2, 2)
+
+
+def test_benchmark_gpu_profiling_runs_and_reports_no_activity_as_unknown(monkeypatch, capsys):
+    """The profiler pass itself, without a GPU: no GPU activity gives empty columns and a
+    note, not zeros."""
+    from benchmarks.train_step import profile_gpu_work
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    assert profile_gpu_work(tiny_step(), crops, False, 10) == (None, None)
+    assert "recorded no GPU activity" in capsys.readouterr().err
