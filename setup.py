@@ -67,7 +67,8 @@ extras = {
     "timm": TIMM,
     "monitor": MONITOR,
     "xformers": ["xformers"],
-    "dev": ["pytest>=7", "ruff", "scikit-learn", *ONNX, *HF, *TIMM, *MONITOR],
+    # pytest-xdist: the GPU suite runs the kernel tests on several workers (compiling in parallel)
+    "dev": ["pytest>=7", "pytest-xdist", "ruff", "scikit-learn", *ONNX, *HF, *TIMM, *MONITOR],
 }
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "onnx-gpu" for dep in deps})
 

@@ -15,7 +15,8 @@ is reported and the next command runs (logs in ``DIR/<stage>/<job>.log``, result
    providers), xformers, the commit.
 2. correctness on CUDA: the kernel tests (attention forward and backward, batched and packed,
    at 197, 37 and odd lengths; the loss; the EMA; the packed pass) with
-   ``DINO_FAST_AUTOTUNE=off`` (one candidate per shape class: compile, don't autotune); then
+   ``DINO_FAST_AUTOTUNE=off`` (one candidate per shape class: compile, don't autotune), on
+   several pytest-xdist workers where it is installed; then
    two steps of ``dino_fast.train``, the reference configuration (eager attention, reference
    ops, fp32) against the fast one in fp32 with Triton attention and in its bf16 default, on the
    same crops (:mod:`benchmarks.train_parity`).
@@ -38,8 +39,10 @@ candidate per kernel and key, no autotuning, most of it, and near zero with a wa
 Measured without a GPU (``python -m benchmarks.kernel_resources --set pinned-tests``): the CUDA
 run of tests/test_attention.py makes 143 sm_90 compilations with ``DINO_FAST_AUTOTUNE=off`` (433
 with autotuning), median 6.9 s each on a loaded 2-core CPU, 29 s the longest; on an idle fast
-core that is 2-5 minutes in all, so a cold first run may spend its whole share here: the job
-is then reported as timed out, the next commands run, and a second run with the same ``--out``
+core that is 2-5 minutes in all. pytest-xdist (in the GPU machine's image, and in the ``dev``
+extra) runs the tests on up to 8 workers, which compile in parallel, so a cold run should take
+a fraction of that; without it a cold first run may spend its whole share here: the job is
+then reported as timed out, the next commands run, and a second run with the same ``--out``
 starts from the warm cache;
 three 2-step training runs 20 each); ops 105 (attention 50, with the Triton autotuner's first
 pass; loss 35, most of it one inductor compile; EMA 20); training step 195 (the runner's
@@ -57,6 +60,7 @@ between the rare GPU windows; CI runs it (tests/test_gpu_suite.py).
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -167,12 +171,24 @@ def train_job(suite: Suite, name: str, folder: str, flags: list, seconds: float)
                seconds, env=suite.triton_env)
 
 
+def test_workers(suite: Suite) -> list[str]:
+    """pytest-xdist's ``-n`` where it is installed: a cold run of the kernel tests is mostly
+    Triton compiling, one CPU core per process, and the tests are small enough to share the
+    GPU; half the cores, at most 8 (2 in the dry run)."""
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    workers = 2 if suite.dry else max(1, min(8, (os.cpu_count() or 2) // 2))
+    return ["-n", str(workers)]
+
+
 def stage_correctness(suite: Suite):
     junit = suite.path("correctness", "kernel-tests.xml")
     selection = KERNEL_TESTS if not suite.dry else [
-        "tests/test_ema.py::test_matches_reference[False-1000-reference]"]
+        "tests/test_ema.py::test_matches_reference[False-1000-reference]",
+        "tests/test_ema.py::test_matches_reference[True-1000-reference]"]
     tests = Job("kernel-tests", "pytest", ["-q", "-p", "no:cacheprovider", "-rf",
-                                            f"--junitxml={junit}", *selection], 105,
+                                            *test_workers(suite), f"--junitxml={junit}",
+                                            *selection], 105,
                 env={**suite.triton_env, "DINO_FAST_AUTOTUNE": "off"})
     # pytest cannot nest in-process: a subprocess, which in the dry run runs beside the in-process
     # training runs below (a second core); on a GPU the commands run one at a time
