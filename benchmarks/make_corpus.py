@@ -61,14 +61,14 @@ def build_corpus(out: str, count: int, seed: int = 0, extra_folders: list[str] =
     return total
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".corpus", help="output folder (default .corpus)")
     parser.add_argument("--count", type=int, default=2000, help="number of JPEGs (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source", action="append", default=[],
                         help="extra folder of source photos (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = build_corpus(args.out, args.count, args.seed, args.source)
     print(f"wrote {args.count} JPEGs, {size / 2**20:.1f} MiB, to {args.out}")
 

@@ -1,5 +1,7 @@
 """``python -m benchmarks.gpu_suite``: its dry run on the CPU (every stage, tiny shapes), the
 isolation of failing and hanging commands, and the pieces that read results."""
+import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -7,12 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from benchmarks.common import format_table
+from benchmarks import gpu_suite
 from benchmarks.gpu_suite import main as suite_main
 from benchmarks.gpu_suite import report
-from benchmarks.suite_runner import Job, parse_tables, read_rows, run_job
+from benchmarks.suite_runner import Job, JobResult, parse_tables, read_rows, run_job
 from benchmarks.train_parity import compare_runs, images_per_second
 
 
@@ -105,3 +109,56 @@ def test_parity_check_fails_a_wrong_update(tmp_path):
     assert compare_runs(tmp_path / "ref", tmp_path / "same", "fp32")["verdict"] == "pass"
     wrong = compare_runs(tmp_path / "ref", tmp_path / "wrong", "fp32")
     assert wrong["verdict"].startswith("FAIL") and wrong["update rel diff"] > 1.9
+
+
+class Parsed(Exception):
+    """Raised by the patched ``parse_args`` once a command line has parsed."""
+
+
+def gpu_plan(tmp_path, monkeypatch) -> list[Job]:
+    """The commands the suite would run on a GPU, none run: the runners' ``--help`` runs for
+    real (the plan depends on the flags they have), the corpus "succeeds" (the loader runs
+    follow it), every other command "fails" at once."""
+    jobs = []
+
+    def fake_run(self, stage, job, in_process=None):
+        log = tmp_path / f"{len(jobs)}-{job.name}.log"
+        if job.args == ["--help"]:
+            return run_job(job, 120, str(log), in_process=False)
+        jobs.append(job)
+        log.write_text("")
+        return JobResult(job.name, "ok" if job.name == "corpus" else "failed (not run)", 0.0,
+                         str(log))
+    monkeypatch.setattr(gpu_suite.Suite, "run", fake_run)
+    suite = gpu_suite.Suite(SimpleNamespace(out=str(tmp_path), dry_run=False, budget=540))
+    for stage in (gpu_suite.stage_correctness, gpu_suite.stage_ops, gpu_suite.stage_training):
+        stage(suite)
+    gpu_suite.stage_inference(suite, {"onnxruntime providers": ["CUDAExecutionProvider"]})
+    return jobs
+
+
+def test_every_command_of_the_gpu_plan_parses(tmp_path, monkeypatch):
+    """The dry run uses other shapes and skips some commands (compile rows, fp16 ONNX): the
+    commands a GPU run would get are checked here for their flags, so that they cannot rot
+    between the rare GPU windows either (the selected tests exist; every command line parses,
+    and ``dino_fast.train``'s flags are in range)."""
+    from dino_fast.flags import check_train_args
+    jobs = gpu_plan(tmp_path, monkeypatch)
+    names = {job.name for job in jobs}
+    assert {"kernel-tests", "batch64", "batch128", "compile", "packed", "loader-torch",
+            "compile-max-autotune", "inference"} <= names, names
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for job in jobs:
+        argv = [str(arg) for arg in job.args]
+        if job.module == "pytest":
+            selected = [arg.split("::")[0] for arg in argv if ".py" in arg]
+            assert selected and all(os.path.exists(path) for path in selected), argv
+            continue
+        with pytest.raises(Parsed) as parsed:
+            importlib.import_module(job.module).main(argv)
+        if job.module == "dino_fast.train":
+            check_train_args(parsed.value.args[0])
