@@ -2,8 +2,9 @@
 warning, the online k-NN, TensorBoard event files and ``curves.png``.
 
 ``train.py`` makes one :class:`TrainingMonitor` and calls it at four points: after each step
-(:meth:`TrainingMonitor.step`, no host sync), for the progress bar (:meth:`postfix`, reads the
-device at most once per ``refresh_s``), at the end of an epoch on every process
+(:meth:`TrainingMonitor.step`, no host sync), for the progress bar (:meth:`postfix`, a read
+of the latest step, called at the training loop's periodic checks), at the end of an epoch on
+every process
 (:meth:`end_epoch`: one all-reduce, the k-NN on rank 0, the collapse rule) and after rank 0 wrote
 ``log.txt`` (:meth:`after_log`: TensorBoard and ``curves.png``). TensorBoard and matplotlib are
 optional: without them a line says so once and training goes on.
@@ -57,15 +58,13 @@ def build_monitor(args, device) -> "TrainingMonitor":
 class HealthMeter:
     """Sums the step metrics on the device; the host reads them only when asked."""
 
-    def __init__(self, out_dim: int, refresh_s: float = 1.0):
+    def __init__(self, out_dim: int):
         self.ln_k = math.log(out_dim) if out_dim > 1 else 1.0
-        self.refresh_s = refresh_s
         self.reset()
 
     def reset(self):
         """Start a new epoch."""
         self.total, self.count, self.latest = None, 0, None
-        self._shown, self._read_at = {}, -math.inf
 
     def add(self, health: dict):
         """Add one step's metrics (0-d device tensors)."""
@@ -75,14 +74,12 @@ class HealthMeter:
         self.latest = values
 
     def postfix(self) -> dict:
-        """``{'H/lnK': ..., 'KL': ...}`` of the latest step, read from the device at most once
-        per ``refresh_s`` seconds (the strings are kept in between)."""
-        now = time.monotonic()
-        if self.latest is not None and now - self._read_at >= self.refresh_s:
-            entropy, kl = self.latest[:2].tolist()
-            self._shown = {"H/lnK": f"{entropy / self.ln_k:.3f}", "KL": f"{kl:.3f}"}
-            self._read_at = now
-        return self._shown
+        """``{'H/lnK': ..., 'KL': ...}`` of the latest step: a read from the device, for the
+        loop's periodic checks (where the host has waited for the device already)."""
+        if self.latest is None:
+            return {}
+        entropy, kl = self.latest[:2].tolist()
+        return {"H/lnK": f"{entropy / self.ln_k:.3f}", "KL": f"{kl:.3f}"}
 
     def epoch_means(self) -> dict:
         """The epoch's means over steps and processes (one all-reduce and one read)."""

@@ -146,14 +146,15 @@ def test_stop_on_collapse_stops_with_a_checkpoint(tmp_path, monkeypatch, capsys)
 
 
 def test_meter_means_and_bar_reads():
-    meter = monitor.HealthMeter(out_dim=100, refresh_s=3600)
+    meter = monitor.HealthMeter(out_dim=100)
+    assert meter.postfix() == {}  # no step yet
     for step in range(4):
         meter.add({name: torch.tensor(float(step + i))
                    for i, name in enumerate(monitor.STEP_METRICS)})
         if step == 0:
             first = meter.postfix()
     assert first == {"H/lnK": f"{0 / math.log(100):.3f}", "KL": "1.000"}
-    assert meter.postfix() == first  # not read again before refresh_s
+    assert meter.postfix() == {"H/lnK": f"{3 / math.log(100):.3f}", "KL": "4.000"}  # the latest
     means = meter.epoch_means()
     assert means == {name: 1.5 + i for i, name in enumerate(monitor.STEP_METRICS)}
 
