@@ -1,4 +1,4 @@
-"""Is this tree's training step faster or slower than another revision's, on this machine?
+"""Is this tree's training step faster or slower than another revision's, on this CPU?
 
 One process, one thread: the step of revision ``--base`` and this tree's configurations take
 turns step by step, in an order that rotates every round, so that the machine's load and the
@@ -12,13 +12,14 @@ round: the geometric mean with a 95 % interval, and the rounds in which it was f
 The base is a copy of the revision's package (``git archive``) in which ``dino_fast`` is renamed
 ``dino_fast_ab`` throughout (module paths and the ``torch.library`` namespace, so that both
 trees register their ops in one process), with its C++ extension built there, or this tree's
-copied when ``csrc/`` and ``setup.py`` are the same. It works for revisions whose
+copied when ``csrc/`` is the same; both must load their C++ kernels, or it stops. It works for revisions whose
 ``dino_fast.train`` has ``build_parser`` and ``build_models`` and whose
 ``TrainStep(student, teacher, loss, optimizer, ema)`` steps as this tree's does.
 """
 import argparse
 import glob
 import importlib
+import importlib.machinery
 import json
 import math
 import os
@@ -37,6 +38,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import environment  # noqa: E402
 
 BASE_PACKAGE = "dino_fast_ab"
+EXTENSION = f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"  # the C++ kernels, this Python's
 CONFIGS = {"fast": [], "fast+pack": ["--pack_crops"]}  # this tree's, against the base
 
 
@@ -48,8 +50,6 @@ def _git(*args, **kwargs) -> subprocess.CompletedProcess:
 def copy_base(revision: str, work: str) -> str:
     """Write revision's package, renamed :data:`BASE_PACKAGE` and built, under ``work``;
     return the folder to put on ``sys.path``."""
-    if _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}").returncode != 0:
-        raise SystemExit(f"error: --base {revision} is not a commit of {ROOT}")
     tree = os.path.join(work, "tree")
     os.makedirs(tree)
     archive = _git("archive", revision)
@@ -57,16 +57,18 @@ def copy_base(revision: str, work: str) -> str:
     for sub in ("kernels", "export"):  # installed as dino_fast.kernels / dino_fast.export
         if os.path.isdir(os.path.join(tree, sub)):
             shutil.move(os.path.join(tree, sub), os.path.join(tree, "dino_fast", sub))
-    built = glob.glob(os.path.join(ROOT, "dino_fast", "_C*.so"))
-    if built and _git("diff", "--quiet", revision, "--", "csrc", "setup.py").returncode == 0:
-        shutil.copy(built[0], os.path.join(tree, "dino_fast"))
+    built = os.path.join(ROOT, "dino_fast", EXTENSION)
+    if os.path.exists(built) and _git("diff", "--quiet", revision, "--", "csrc").returncode == 0:
+        shutil.copy(built, os.path.join(tree, "dino_fast"))
     else:
         print(f"building {revision}'s C++ extension ...", file=sys.stderr, flush=True)
         result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],
                                 cwd=tree, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
+        # setup.py treats a failed build as optional (the package falls back to PyTorch ops),
+        # which would compare this tree's C++ kernels against the base's reference ops
+        if not os.path.exists(os.path.join(tree, "dino_fast", EXTENSION)):
             raise SystemExit(f"error: building {revision}'s C++ extension failed:\n"
-                             f"{result.stderr[-2000:]}")
+                             f"{(result.stdout + result.stderr)[-3000:]}")
     package = os.path.join(work, BASE_PACKAGE)
     shutil.move(os.path.join(tree, "dino_fast"), package)
     for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True):
@@ -142,18 +144,42 @@ def parse_args(argv=None):
     return args
 
 
+def check_cpp(package: str):
+    """Stop unless ``package`` runs its C++ kernels (the A/B would otherwise be unfair)."""
+    try:
+        importlib.import_module(f"{package}._C")
+    except ImportError as err:
+        raise SystemExit(f"error: {package} has no working C++ extension ({err}); build it "
+                         "(python setup.py build_ext --inplace) and run again") from err
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if _git("rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}").returncode != 0:
+        raise SystemExit(f"error: --base {args.base} is not a commit of {ROOT}")
+    if BASE_PACKAGE in sys.modules:  # its ops are registered once per process
+        raise SystemExit(f"error: a base is already loaded in this process ({BASE_PACKAGE}); "
+                         "run one comparison per process")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="step_ab-") as work:
-        sys.path.insert(0, copy_base(args.base, work))
-        steps = {"base": make_step(BASE_PACKAGE, args, [])}
-        steps.update({name: make_step("dino_fast", args, CONFIGS[name])
-                      for name in args.configs.split(",")})
-        generator = torch.Generator().manual_seed(1)
-        sides = [args.global_size] * 2 + [args.local_size] * args.local_crops
-        crops = [torch.randn(args.batch, 3, side, side, generator=generator) for side in sides]
-        times = interleave(steps, crops, args.rounds)
+    try:
+        with tempfile.TemporaryDirectory(prefix="step_ab-") as work:
+            sys.path.insert(0, copy_base(args.base, work))
+            try:
+                check_cpp("dino_fast")
+                check_cpp(BASE_PACKAGE)
+                steps = {"base": make_step(BASE_PACKAGE, args, [])}
+                steps.update({name: make_step("dino_fast", args, CONFIGS[name])
+                              for name in args.configs.split(",")})
+                generator = torch.Generator().manual_seed(1)
+                sides = [args.global_size] * 2 + [args.local_size] * args.local_crops
+                crops = [torch.randn(args.batch, 3, side, side, generator=generator)
+                         for side in sides]
+                times = interleave(steps, crops, args.rounds)
+            finally:
+                sys.path.remove(work)
+    finally:
+        torch.set_num_threads(threads)
     rows = {name: {"median_ms": statistics.median(t), "min_ms": min(t),
                    **(paired_ratio(t, times["base"]) if name != "base" else {})}
             for name, t in times.items()}

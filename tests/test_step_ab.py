@@ -18,6 +18,7 @@ def is_git_checkout() -> bool:
 @pytest.mark.skipif(not is_git_checkout(), reason="needs the git history of the source tree")
 def test_head_against_this_tree_reports_paired_ratios(tmp_path, capsys):
     from benchmarks import step_ab
+    threads = torch.get_num_threads()
     report = step_ab.main(["--base", "HEAD", "--rounds", "3", "--configs", "fast",
                            "--batch", "1", "--local_crops", "1", "--global_size", "32",
                            "--local_size", "16", "--out_dim", "64",
@@ -30,6 +31,10 @@ def test_head_against_this_tree_reports_paired_ratios(tmp_path, capsys):
     assert fast["rounds"] == 3 and 0 <= fast["faster_rounds"] <= 3
     assert fast["low"] <= fast["ratio"] <= fast["high"] and math.isfinite(fast["ratio"])
     assert "x base" in capsys.readouterr().out and (tmp_path / "ab.json").exists()
+    assert torch.get_num_threads() == threads  # one thread while it measured, restored after
+    assert dino_fast_ab._C is not None  # the base ran its C++ kernels, as this tree does
+    with pytest.raises(SystemExit, match="already loaded"):  # its ops exist once a process
+        step_ab.main(["--base", "HEAD", "--rounds", "2"])
 
 
 def test_an_unknown_revision_is_refused():
