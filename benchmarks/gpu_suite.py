@@ -27,7 +27,8 @@ is reported and the next command runs (logs in ``DIR/<stage>/<job>.log``, result
    per-parameter loop, ``_foreach_lerp_`` and a plain copy. One command per op.
 4. training step (:mod:`benchmarks.train_step`, synthetic crops on the GPU): official-style
    against fast, ViT-S/16, 2 x 224 + 10 x 96, batch 64 and 128, then each fast-path option the
-   runner has (compile, packed crops, compile modes) as its own row at batch 128; then
+   runner has (compile, packed crops, compile modes) as its own row at batch 128; GPU kernels
+   and CUDA syncs per step (a profiler pass) for the batch-64 and packed rows; then
    ``dino_fast.train`` itself on a generated JPEG corpus with the torch loader, and with DALI
    when it is installed (images/s of the second epoch, from its progress bar).
 5. attention-map inference (:mod:`benchmarks.inference`): PyTorch eager fp32 / bf16 and ONNX
@@ -171,13 +172,14 @@ def train_job(suite: Suite, name: str, folder: str, flags: list, seconds: float)
                seconds, env=suite.triton_env)
 
 
-def test_workers(suite: Suite) -> list[str]:
-    """pytest-xdist's ``-n`` where it is installed: a cold run of the kernel tests is mostly
-    Triton compiling, one CPU core per process, and the tests are small enough to share the
-    GPU; half the cores, at most 8 (2 in the dry run)."""
+def xdist_args(suite: Suite) -> list[str]:
+    """pytest-xdist's ``-n`` where it is installed (the GPU machine's image has it: the device
+    entry's KINDS.md): a cold run of the kernel tests is mostly Triton compiling, one CPU core
+    per process, and the tests are small enough to share the GPU; half the usable cores, at
+    most 8 (2 in the dry run)."""
     if importlib.util.find_spec("xdist") is None:
         return []
-    workers = 2 if suite.dry else max(1, min(8, (os.cpu_count() or 2) // 2))
+    workers = 2 if suite.dry else max(1, min(8, len(os.sched_getaffinity(0)) // 2))
     return ["-n", str(workers)]
 
 
@@ -187,7 +189,7 @@ def stage_correctness(suite: Suite):
         "tests/test_ema.py::test_matches_reference[False-1000-reference]",
         "tests/test_ema.py::test_matches_reference[True-1000-reference]"]
     tests = Job("kernel-tests", "pytest", ["-q", "-p", "no:cacheprovider", "-rf",
-                                            *test_workers(suite), f"--junitxml={junit}",
+                                            *xdist_args(suite), f"--junitxml={junit}",
                                             *selection], 105,
                 env={**suite.triton_env, "DINO_FAST_AUTOTUNE": "off"})
     # pytest cannot nest in-process: a subprocess, which in the dry run runs beside the in-process
@@ -258,12 +260,16 @@ def step_jobs(suite: Suite, flags: set[str]) -> list[tuple[Job, str]]:
     else:
         shape = ["--arch", "vit_small", "--local_crops", "10", "--out_dim", "65536"]
         batches, extra_batch = [64, 128], 128
-    plans = [(f"batch{b}", ["--batch", b, "--configs", "official,fast"], 35 if b == 64 else 40)
+    # the launch counts (a profiler pass of some seconds a row) where the issue's goal is set
+    counts = ["--gpu_counts"] if "--gpu_counts" in flags and not suite.dry else []
+    plans = [(f"batch{b}", ["--batch", b, "--configs", "official,fast",
+                            *(counts if b == 64 else [])], 35 if b == 64 else 40)
              for b in batches]
     if not suite.dry:
         plans.append(("compile", ["--batch", extra_batch, "--configs", "fast+compile"], 45))
     if "--pack_crops" in flags:
-        plans.append(("packed", ["--batch", extra_batch, "--configs", "fast", "--pack_crops"], 25))
+        plans.append(("packed", ["--batch", extra_batch, "--configs", "fast", "--pack_crops",
+                                 *counts], 25))
     jobs = []
     for name, args, seconds in plans:
         args = [str(a) for a in args]

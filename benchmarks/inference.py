@@ -55,14 +55,15 @@ def onnx_runner(vit, folder: str, arch: str, threads: int, precision: str = "fp3
 
 def eager_int8(vit):
     """PyTorch's dynamic int8 quantization of the Linear layers (a CPU baseline), or None where
-    this torch no longer has ``torch.ao.quantization`` (deprecated since 2.10)."""
+    this torch no longer has ``torch.ao.quantization`` (deprecated since 2.10) or has no
+    quantized engine."""
     try:
         from torch.ao.quantization import quantize_dynamic
-    except ImportError:
-        print("note: this torch has no torch.ao.quantization; the eager int8 row is left out",
-              file=sys.stderr)
+        return quantize_dynamic(copy.deepcopy(vit), {nn.Linear}, dtype=torch.qint8)
+    except (ImportError, RuntimeError) as err:
+        print(f"note: no PyTorch int8 here ({type(err).__name__}: {err}); the eager int8 row "
+              "is left out", file=sys.stderr)
         return None
-    return quantize_dynamic(copy.deepcopy(vit), {nn.Linear}, dtype=torch.qint8)
 
 
 def runners(vit, arch: str, threads: int, folder: str, compile_: bool,

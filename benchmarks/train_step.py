@@ -22,8 +22,8 @@ launch on a GPU), ``syncs_per_step`` the values read back to the host
 counted for ``fast+compile``: compiled frames do not run under the counter's dispatch mode
 (Dynamo refuses them), so that row gives the kernels inductor generated instead. On the CPU the
 official count includes reads of CPU-resident scalars (the default AdamW's for-loop reads each
-parameter's step count), which on a GPU are no device sync. On CUDA every row also gives
-``gpu_kernels_per_step`` (kernels, copies and memsets that ran on the GPU) and
+parameter's step count), which on a GPU are no device sync. On CUDA with ``--gpu_counts``
+every row also gives ``gpu_kernels_per_step`` (kernels, copies and memsets that ran on the GPU) and
 ``cuda_syncs_per_step`` (the host's waits on CUDA), both from ``torch.profiler``, which sees
 compiled and CUDA-graph steps too: the launches the whole step costs.
 
@@ -138,7 +138,7 @@ def run_config(args, device, name, cfg, crops) -> dict:
         ops = syncs = gpu_kernels = cuda_syncs = None
         if not cfg["compile"]:  # a dispatch mode stops compiled frames from running at all
             ops, syncs = count_dispatches(step, crops, cfg["official"], args.check_every)
-        if device.type == "cuda":
+        if device.type == "cuda" and args.gpu_counts:
             gpu_kernels, cuda_syncs = profile_gpu_work(step, crops, cfg["official"],
                                                        args.check_every)
     images_s = args.batch / (ms / 1e3)
@@ -237,6 +237,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--check_every", type=int, default=10,
                         help="fast configurations: steps between non-finite checks")
+    parser.add_argument("--gpu_counts", action="store_true",
+                        help="CUDA: profile 2 more steps per row for the GPU kernels and CUDA "
+                        "syncs per step (some seconds per row)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--configs", default="official,fast,fast+compile")

@@ -147,6 +147,8 @@ def test_every_command_of_the_gpu_plan_parses(tmp_path, monkeypatch):
     names = {job.name for job in jobs}
     assert {"kernel-tests", "batch64", "batch128", "compile", "packed", "loader-torch",
             "compile-max-autotune", "inference"} <= names, names
+    step_64 = next(job for job in jobs if job.name == "batch64")
+    assert "--gpu_counts" in step_64.args  # the launch counts where the goals are set
     parse = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
