@@ -36,6 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment  # noqa: E402
+from benchmarks.train_step import random_crops  # noqa: E402
 
 BASE_PACKAGE = "dino_fast_ab"
 EXTENSION = f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"  # the C++ kernels, this Python's
@@ -171,10 +172,8 @@ def main(argv=None) -> dict:
                 steps = {"base": make_step(BASE_PACKAGE, args, [])}
                 steps.update({name: make_step("dino_fast", args, CONFIGS[name])
                               for name in args.configs.split(",")})
-                generator = torch.Generator().manual_seed(1)
-                sides = [args.global_size] * 2 + [args.local_size] * args.local_crops
-                crops = [torch.randn(args.batch, 3, side, side, generator=generator)
-                         for side in sides]
+                torch.manual_seed(1)
+                crops = random_crops(args, torch.device("cpu"))
                 times = interleave(steps, crops, args.rounds)
             finally:
                 sys.path.remove(work)

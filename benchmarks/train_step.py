@@ -23,9 +23,9 @@ counted for ``fast+compile``: compiled frames do not run under the counter's dis
 (Dynamo refuses them), so that row gives the kernels inductor generated instead. On the CPU the
 official count includes reads of CPU-resident scalars (the default AdamW's for-loop reads each
 parameter's step count), which on a GPU are no device sync. On CUDA with ``--gpu_counts``
-every row also gives ``gpu_kernels_per_step`` (kernels, copies and memsets that ran on the GPU) and
-``cuda_syncs_per_step`` (the host's waits on CUDA), both from ``torch.profiler``, which sees
-compiled and CUDA-graph steps too: the launches the whole step costs.
+every row also gives ``gpu_kernels_per_step`` (kernels, copies and memsets that ran on the
+GPU) and ``cuda_syncs_per_step`` (the host's waits on CUDA), both from ``torch.profiler``,
+which sees compiled and CUDA-graph steps too: the launches the whole step costs.
 
 MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
 matmul rate measured on an H100/H200 (../shared/GPU.md).
@@ -118,8 +118,8 @@ def configurations(args, cuda: bool) -> dict:
 
 def run_config(args, device, name, cfg, crops) -> dict:
     """Time one configuration, then count its operators and syncs over 2 warm steps (not for
-    a compiled one: there the generated kernels are counted instead) and, on CUDA, the GPU
-    kernels and CUDA syncs the profiler sees."""
+    a compiled one: there the generated kernels are counted instead) and, on CUDA with
+    ``--gpu_counts``, the GPU kernels and CUDA syncs the profiler sees."""
     state = {"it": 0, "host_s": []}
     with use_backend(cfg["backend"]):
         step = build_step(args, device, cfg)

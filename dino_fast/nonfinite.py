@@ -23,11 +23,10 @@ class NonFiniteWatch:
     """Device-side record of the first non-finite step, read by the host on demand."""
 
     def __init__(self, device: torch.device):
-        self.steps = torch.zeros((), dtype=torch.int64, device=device)  # steps recorded
         self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
         self.first_bad_loss = torch.zeros((), dtype=torch.float32, device=device)
         self.labels = {}  # host: step index -> (global step, epoch), kept until a clean check
-        self.recorded = 0  # host mirror of ``steps``
+        self.recorded = 0  # steps recorded (the index the next one gets)
 
     def any_bad(self) -> torch.Tensor:
         """0-d device bool: a recorded step went non-finite on this process."""
@@ -37,9 +36,8 @@ class NonFiniteWatch:
     def record(self, bad: torch.Tensor, loss: torch.Tensor, step, epoch):
         """Record one step: ``bad`` a 0-d device bool, ``loss`` its loss (all on the device)."""
         first = bad & ~self.any_bad()
-        self.first_bad.copy_(torch.where(first, self.steps, self.first_bad))
+        self.first_bad.copy_(torch.where(first, self.recorded, self.first_bad))
         self.first_bad_loss.copy_(torch.where(first, loss.float(), self.first_bad_loss))
-        self.steps.add_(1)
         self.labels[self.recorded] = (step, epoch)
         self.recorded += 1
 
