@@ -12,8 +12,8 @@ round: the geometric mean with a 95 % interval, and the rounds in which it was f
 The base is a copy of the revision's package (``git archive``) in which ``dino_fast`` is renamed
 ``dino_fast_ab`` throughout (module paths and the ``torch.library`` namespace, so that both
 trees register their ops in one process), with its C++ extension built there, or this tree's
-copied when ``csrc/`` is the same; both must load their C++ kernels, or it stops. It works for revisions whose
-``dino_fast.train`` has ``build_parser`` and ``build_models`` and whose
+copied when ``csrc/`` is the same; both must load their C++ kernels, or it stops. It works
+for revisions whose ``dino_fast.train`` has ``build_parser`` and ``build_models`` and whose
 ``TrainStep(student, teacher, loss, optimizer, ema)`` steps as this tree's does.
 """
 import argparse
