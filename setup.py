@@ -67,8 +67,10 @@ extras = {
     "timm": TIMM,
     "monitor": MONITOR,
     "xformers": ["xformers"],
-    # pytest-xdist: the GPU suite runs the kernel tests on several workers (compiling in parallel)
-    "dev": ["pytest>=7", "pytest-xdist", "ruff", "scikit-learn", *ONNX, *HF, *TIMM, *MONITOR],
+    # pytest-xdist: the GPU suite runs the kernel tests on several workers (compiling in parallel);
+    # ruff pinned to a minor release, whose rule set is stable (pyproject.toml chooses the rules)
+    "dev": ["pytest>=7", "pytest-xdist", "ruff>=0.17,<0.18", "pre-commit", "scikit-learn", *ONNX,
+            *HF, *TIMM, *MONITOR],
 }
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "onnx-gpu" for dep in deps})
 
@@ -77,11 +79,13 @@ setup(
     version="0.1.0",
     description="DINO self-supervised ViT training, official-compatible and fast "
                 "(Triton/C++ fused ops, DALI loader, ONNX attention maps).",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description=(open("README.md", encoding="utf-8").read()
+                      if os.path.exists("README.md") else ""),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dino_fast", "dino_fast.ops", "dino_fast.models", "dino_fast.data",
-              "dino_fast.kernels", "dino_fast.export"],
+    packages=["dino_fast", "dino_fast.cli", "dino_fast.data", "dino_fast.evaluation",
+              "dino_fast.models", "dino_fast.monitoring", "dino_fast.ops", "dino_fast.profiling",
+              "dino_fast.training", "dino_fast.kernels", "dino_fast.export"],
     package_dir={"dino_fast.kernels": "kernels", "dino_fast.export": "export"},
     package_data={"dino_fast.data": ["images/*", "images/**/*"]},
     include_package_data=True,

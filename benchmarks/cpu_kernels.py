@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import measure, print_table, write_results  # noqa: E402
 from benchmarks.ops import dino_model  # noqa: E402
 from benchmarks.train_step import PerParameterEMA  # noqa: E402
-from dino_fast.ema import flatten_parameters  # noqa: E402
 from dino_fast.ops import _backend, use_backend  # noqa: E402
 from dino_fast.ops.dino_loss import dino_loss, dino_loss_reference  # noqa: E402
 from dino_fast.ops.ema import ema_  # noqa: E402
+from dino_fast.training.ema import flatten_parameters  # noqa: E402
 
 BATCH, NCROPS, K = 32, 12, 65536
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04

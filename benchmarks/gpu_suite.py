@@ -35,15 +35,15 @@ is reported and the next command runs (logs in ``DIR/<stage>/<job>.log``, result
    Runtime fp32 with whatever provider it has (and fp16 when that is CUDA), batch 1 and 32.
 
 Plan for 9 minutes on an H100 (seconds; ``--budget`` scales every share; time a command leaves
-unused passes to the next): environment a few, outside the plan; correctness 165 (kernel tests 105: compiling one
-candidate per kernel and key, no autotuning, most of it, and near zero with a warm Triton cache.
-Measured without a GPU (``python -m benchmarks.kernel_resources --set pinned-tests``): the CUDA
-run of tests/test_attention.py makes 143 sm_90 compilations with ``DINO_FAST_AUTOTUNE=off`` (433
-with autotuning), median 6.9 s each on a loaded 2-core CPU, 29 s the longest; on an idle fast
-core that is 2-5 minutes in all. pytest-xdist (in the GPU machine's image, and in the ``dev``
-extra) runs the tests on up to 8 workers, which compile in parallel, so a cold run should take
-a fraction of that; without it a cold first run may spend its whole share here: the job is
-then reported as timed out, the next commands run, and a second run with the same ``--out``
+unused passes to the next): environment a few, outside the plan; correctness 165 (kernel tests 105:
+compiling one candidate per kernel and key, no autotuning, most of it, and near zero with a warm
+Triton cache. Measured without a GPU (``python -m benchmarks.kernel_resources --set pinned-tests``):
+the CUDA run of tests/ops/test_attention.py makes 143 sm_90 compilations with
+``DINO_FAST_AUTOTUNE=off`` (433 with autotuning), median 6.9 s each on a loaded 2-core CPU, 29 s the
+longest; on an idle fast core that is 2-5 minutes in all. pytest-xdist (in the GPU machine's image,
+and in the ``dev`` extra) runs the tests on up to 8 workers, which compile in parallel, so a cold
+run should take a fraction of that; without it a cold first run may spend its whole share here: the
+job is then reported as timed out, the next commands run, and a second run with the same ``--out``
 starts from the warm cache;
 three 2-step training runs 20 each); ops 105 (attention 50, with the Triton autotuner's first
 pass; loss 35, most of it one inductor compile; EMA 20); training step 195 (the runner's
@@ -56,7 +56,7 @@ cache and autotuning results in ``DIR/triton-cache`` (``TRITON_CACHE_DIR``,
 
 ``--dry-run`` runs every stage on the CPU with tiny shapes and CPU baselines, inside this process
 where it can (the kernel tests still run in a pytest subprocess), so that this script cannot rot
-between the rare GPU windows; CI runs it (tests/test_gpu_suite.py).
+between the rare GPU windows; CI runs it (tests/benchmarks/test_gpu_suite.py).
 """
 import argparse
 import datetime
@@ -82,8 +82,8 @@ from benchmarks.train_parity import compare_runs, images_per_second, run_flags
 
 PLANNED_SECONDS = 540
 FAILURE_LINES = 25  # of each failed command's log, in the report
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_dino_loss.py", "tests/test_ema.py",
-                "tests/test_packed.py"]
+KERNEL_TESTS = ["tests/ops/test_attention.py", "tests/ops/test_dino_loss.py",
+                "tests/ops/test_ema.py", "tests/models/test_packed.py"]
 
 
 class Suite:
@@ -186,8 +186,8 @@ def xdist_args(suite: Suite) -> list[str]:
 def stage_correctness(suite: Suite):
     junit = suite.path("correctness", "kernel-tests.xml")
     selection = KERNEL_TESTS if not suite.dry else [
-        "tests/test_ema.py::test_matches_reference[False-1000-reference]",
-        "tests/test_ema.py::test_matches_reference[True-1000-reference]"]
+        "tests/ops/test_ema.py::test_matches_reference[False-1000-reference]",
+        "tests/ops/test_ema.py::test_matches_reference[True-1000-reference]"]
     tests = Job("kernel-tests", "pytest", ["-q", "-p", "no:cacheprovider", "-rf",
                                             *xdist_args(suite), f"--junitxml={junit}",
                                             *selection], 105,

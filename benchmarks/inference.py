@@ -114,7 +114,8 @@ def main(argv=None):
             baseline = None
             for name, run in named.items():
                 data = host if name.startswith("onnxruntime") and device.type == "cpu" else images
-                ms = measure(lambda: run(data), warmup=2, repeats=args.repeats, device=device)
+                ms = measure(lambda run=run, data=data: run(data), warmup=2,
+                             repeats=args.repeats, device=device)
                 baseline = baseline or ms
                 rows.append({"backend": name, "batch": batch, "latency ms": ms,
                              "images/s": batch * 1e3 / ms, "speed-up vs eager": baseline / ms})

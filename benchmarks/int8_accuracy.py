@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import environment, print_table
-from dino_fast.attention_maps import threshold_masks
-from dino_fast.knn import knn_classify, labelled_dataset, topk_accuracy
+from dino_fast.cli.args import load_model
+from dino_fast.evaluation.attention_maps import threshold_masks
+from dino_fast.evaluation.knn import knn_classify, labelled_dataset, topk_accuracy
 from dino_fast.export import AttentionMapPredictor
 from dino_fast.export.onnx_export import export_onnx
-from dino_fast.cli import load_model
 
 
 def run_all(predictors: dict, dataset, batch_size: int = 32) -> dict:

@@ -3,7 +3,7 @@ and read its resources: registers per thread, spill bytes (``ptxas -v``), shared
 
 Triton compiles for any ``GPUTarget`` without a driver; the ``ptxas`` inside its wheel then
 reports what the interpreter cannot show: kernels the real compiler rejects, register spills and
-shared memory beyond the chip. Used by ``tests/test_kernel_compile.py`` (the CI check) and
+shared memory beyond the chip. Used by ``tests/kernels/test_kernel_compile.py`` (the CI check) and
 ``benchmarks/kernel_resources.py`` (the resource table). Both run it without
 ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions).
 

@@ -3,7 +3,7 @@ without a GPU, with registers per thread, spill bytes, shared memory and occupan
 
     python -m benchmarks.kernel_resources                    # the table (sm_90, every candidate)
     python -m benchmarks.kernel_resources --set ci --json F  # what the CI compile test checks
-    python -m benchmarks.kernel_resources --set pinned-tests # tests/test_attention.py on CUDA
+    python -m benchmarks.kernel_resources --set pinned-tests # tests/ops/test_attention.py on CUDA
                                                              # with DINO_FAST_AUTOTUNE=off
 
 The case sets are chosen here; the cases and the compile path live in
@@ -42,7 +42,7 @@ def _classes(inputs, *classes):
 
 
 def ci_cases() -> list[Case]:
-    """What CI checks (tests/test_kernel_compile.py). sm_90: every candidate of the training
+    """What CI checks (tests/kernels/test_kernel_compile.py). sm_90: every candidate of the training
     dtypes (bf16, fp16) and of exact float32 at DINO's head dim (64); the pinned candidate of
     TF32 float32, of bf16 packed and of bf16 at the padded head dims 80 and 256. sm_80: the
     pinned bf16 and exact-float32 candidates. The loss and the EMA on both. The resource table
@@ -58,7 +58,7 @@ def ci_cases() -> list[Case]:
 
 
 def attention_test_inputs() -> list[tuple]:
-    """The attention inputs ``tests/test_attention.py`` launches on a CUDA machine (float32
+    """The attention inputs ``tests/ops/test_attention.py`` launches on a CUDA machine (float32
     there means exact products, torch's default), to count what its first run compiles."""
     def batched(dtype, batch, heads, seqlen, head_dim, qkv="vit"):
         return (("dtype", dtype), ("class", "half" if dtype != "fp32" else "ieee"),
@@ -86,7 +86,7 @@ def attention_test_inputs() -> list[tuple]:
 
 
 def pinned_test_cases() -> list[Case]:
-    """The distinct sm_90 compilations of ``tests/test_attention.py`` on CUDA with
+    """The distinct sm_90 compilations of ``tests/ops/test_attention.py`` on CUDA with
     ``DINO_FAST_AUTOTUNE=off``."""
     return attention_cases(attention_test_inputs(), pinned=True)
 

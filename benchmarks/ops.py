@@ -35,16 +35,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (measure, peak_memory_mb, print_table, write_json,  # noqa: E402
-                               write_results)
+from benchmarks.common import measure, peak_memory_mb, print_table, write_json, write_results  # noqa: E402
 from benchmarks.train_step import PerParameterEMA  # noqa: E402
-from dino_fast.ema import flatten_parameters  # noqa: E402
 from dino_fast.models import DINOHead, build_vit  # noqa: E402
 from dino_fast.ops import _backend, use_backend  # noqa: E402
-from dino_fast.ops.attention import (attention, attention_reference, attention_varlen,  # noqa: E402
-                                     attention_varlen_reference)
+from dino_fast.ops.attention import (  # noqa: E402
+    attention,
+    attention_reference,
+    attention_varlen,
+    attention_varlen_reference,
+)
 from dino_fast.ops.dino_loss import dino_loss, dino_loss_reference  # noqa: E402
 from dino_fast.ops.ema import ema_, ema_reference  # noqa: E402
+from dino_fast.training.ema import flatten_parameters  # noqa: E402
 
 COLUMNS = ["op", "shape", "dtype", "provider", "ms", "rate", "peak MiB", "x eager",
            "x best baseline"]
@@ -159,20 +162,27 @@ def ema_case(arch, out_dim, device, compile_=True) -> Case:
 
 # --- attention -----------------------------------------------------------------------------
 
+def sdpa_forced(backend):
+    """``attention(q, k, v, scale)`` through SDPA with only ``backend`` allowed."""
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, scale):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return run
+
+
 def sdpa_providers(device) -> dict:
     """``name -> attention(q, k, v, scale)`` for each SDPA backend this torch has."""
     if device.type != "cuda":
         return {"sdpa": lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v,
                                                                               scale=scale)}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     providers = {}
     for label, name in (("sdpa flash", "FLASH_ATTENTION"), ("sdpa cudnn", "CUDNN_ATTENTION"),
                         ("sdpa efficient", "EFFICIENT_ATTENTION")):
         if hasattr(SDPBackend, name):
-            def run(q, k, v, scale, backend=getattr(SDPBackend, name)):
-                with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-            providers[label] = run
+            providers[label] = sdpa_forced(getattr(SDPBackend, name))
     return providers
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -80,20 +81,35 @@ def copy_base(revision: str, work: str) -> str:
     return work
 
 
+def recipe(package: str):
+    """The step, loss, EMA and optimiser builders of ``package``: its ``training`` folder, or
+    the flat modules of revisions before that folder existed (such as 2bbd936)."""
+    try:
+        return importlib.import_module(f"{package}.training")
+    except ModuleNotFoundError as err:
+        if err.name != f"{package}.training":
+            raise
+    def flat(module, name):
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+    return SimpleNamespace(TrainStep=flat("engine", "TrainStep"),
+                           DINOLoss=flat("loss", "DINOLoss"), TeacherEMA=flat("ema", "TeacherEMA"),
+                           build_optimizer=flat("optim", "build_optimizer"),
+                           get_params_groups=flat("optim", "get_params_groups"))
+
+
 def make_step(package: str, args, flags: list):
     """A ``TrainStep`` over fresh models (seed 0) of ``package`` (this tree's or the base's)."""
-    def module(name):
-        return importlib.import_module(f"{package}.{name}")
-    train_args = module("train").build_parser().parse_args(
+    train = importlib.import_module(f"{package}.train")
+    train_args = train.build_parser().parse_args(
         ["--arch", args.arch, "--out_dim", str(args.out_dim), "--local_crops_number",
          str(args.local_crops), *flags])
     torch.manual_seed(0)
-    student, teacher = module("train").build_models(train_args, torch.device("cpu"))
-    optim = module("optim")
-    optimizer = optim.build_optimizer("adamw", optim.get_params_groups(student))
-    loss = module("loss").DINOLoss(args.out_dim, args.local_crops + 2, 0.04, 0.04, 0, 10)
-    return module("engine").TrainStep(student, teacher, loss, optimizer,
-                                      module("ema").TeacherEMA(student, teacher))
+    student, teacher = train.build_models(train_args, torch.device("cpu"))
+    training = recipe(package)
+    optimizer = training.build_optimizer("adamw", training.get_params_groups(student))
+    loss = training.DINOLoss(args.out_dim, args.local_crops + 2, 0.04, 0.04, 0, 10)
+    return training.TrainStep(student, teacher, loss, optimizer,
+                              training.TeacherEMA(student, teacher))
 
 
 def interleave(steps: dict, crops: list, rounds: int, check_every: int = 10) -> dict:

@@ -18,8 +18,8 @@ Configurations, measured in one run:
 launch work, on a shared CPU a measure that other processes' load does not inflate (run with
 one thread). ``ops_per_step`` counts dispatched ATen operators (each at least one kernel
 launch on a GPU), ``syncs_per_step`` the values read back to the host
-(``dino_fast.dispatch_count``), the fast configurations' periodic check amortised. Neither is
-counted for ``fast+compile``: compiled frames do not run under the counter's dispatch mode
+(``dino_fast.profiling.dispatch_count``), the fast configurations' periodic check amortised. Neither
+is counted for ``fast+compile``: compiled frames do not run under the counter's dispatch mode
 (Dynamo refuses them), so that row gives the kernels inductor generated instead. On the CPU the
 official count includes reads of CPU-resident scalars (the default AdamW's for-loop reads each
 parameter's step count), which on a GPU are no device sync. On CUDA with ``--gpu_counts``
@@ -27,8 +27,8 @@ every row also gives ``gpu_kernels_per_step`` (kernels, copies and memsets that 
 GPU) and ``cuda_syncs_per_step`` (the host's waits on CUDA), both from ``torch.profiler``,
 which sees compiled and CUDA-graph steps too: the launches the whole step costs.
 
-MFU (CUDA only) = images/s x ``dino_fast.flops.dino_step_flops`` / 790 TFLOP/s, the bf16 dense
-matmul rate measured on an H100/H200 (../shared/GPU.md).
+MFU (CUDA only) = images/s x ``dino_fast.profiling.flops.dino_step_flops`` / 790 TFLOP/s, the bf16
+dense matmul rate measured on an H100/H200 (../shared/GPU.md).
 
     python benchmarks/train_step.py                      # CPU defaults: small and quick
     python benchmarks/train_step.py --arch vit_small --batch 64 --local_crops 10 \\
@@ -51,15 +51,15 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, measure, print_table, write_results  # noqa: E402
-from dino_fast.dispatch_count import DispatchCounter  # noqa: E402
-from dino_fast.ema import TeacherEMA  # noqa: E402
-from dino_fast.engine import COMPILE_MODES, PRECISIONS, TrainStep  # noqa: E402
-from dino_fast.flops import dino_step_flops  # noqa: E402
-from dino_fast.loss import DINOLoss  # noqa: E402
 from dino_fast.models.packed import PACK_ATTENTION  # noqa: E402
 from dino_fast.ops import use_backend  # noqa: E402
-from dino_fast.optim import build_optimizer, get_params_groups  # noqa: E402
+from dino_fast.profiling.dispatch_count import DispatchCounter  # noqa: E402
+from dino_fast.profiling.flops import dino_step_flops  # noqa: E402
 from dino_fast.train import build_models, build_parser  # noqa: E402
+from dino_fast.training.ema import TeacherEMA  # noqa: E402
+from dino_fast.training.loss import DINOLoss  # noqa: E402
+from dino_fast.training.optim import build_optimizer, get_params_groups  # noqa: E402
+from dino_fast.training.step import COMPILE_MODES, PRECISIONS, TrainStep  # noqa: E402
 
 PEAK_TFLOPS = 790.0
 COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "host_cpu_ms",

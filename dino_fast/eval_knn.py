@@ -24,11 +24,16 @@ import os
 
 import torch
 
-from dino_fast.cli import add_model_args, bool_flag, load_model, resolve_device
-from dino_fast.errors import FlagError, add_debug_flag, command
-from dino_fast.flags import EVAL_KNN, EVAL_KNN_PATHS, validate_args
-from dino_fast.knn import (build_datasets, dataset_features, knn_scores, load_features,
-                           save_features)
+from dino_fast.cli.args import add_model_args, bool_flag, load_model, resolve_device
+from dino_fast.cli.errors import FlagError, add_debug_flag, command
+from dino_fast.cli.flags import EVAL_KNN, EVAL_KNN_PATHS, validate_args
+from dino_fast.evaluation.knn import (
+    build_datasets,
+    dataset_features,
+    knn_scores,
+    load_features,
+    save_features,
+)
 from dino_fast.models import build_vit
 
 

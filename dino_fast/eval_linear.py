@@ -27,16 +27,27 @@ from functools import partial
 import torch
 from torch import nn
 
-from dino_fast import distributed as dist_utils
-from dino_fast.cli import add_model_args, bool_flag, load_model, resolve_device
-from dino_fast.errors import add_debug_flag, command
-from dino_fast.flags import EVAL_LINEAR, EVAL_LINEAR_PATHS, validate_args
-from dino_fast.knn import build_datasets
-from dino_fast.linear import (CHECKPOINT_NAME, LinearClassifier, build_optimizer,
-                              check_feature_args, default_feature_args, extract_features,
-                              feature_dim, frozen_features, restore_state, save_state,
-                              train_one_epoch, train_transform, validate)
+from dino_fast.cli.args import add_model_args, bool_flag, load_model, resolve_device
+from dino_fast.cli.errors import add_debug_flag, command
+from dino_fast.cli.flags import EVAL_LINEAR, EVAL_LINEAR_PATHS, validate_args
+from dino_fast.evaluation.knn import build_datasets
+from dino_fast.evaluation.linear import (
+    CHECKPOINT_NAME,
+    LinearClassifier,
+    build_optimizer,
+    check_feature_args,
+    default_feature_args,
+    extract_features,
+    feature_dim,
+    frozen_features,
+    restore_state,
+    save_state,
+    train_one_epoch,
+    train_transform,
+    validate,
+)
 from dino_fast.models import build_vit, detect_arch
+from dino_fast.training import distributed as dist_utils
 
 CACHED_NOTE = ("--cached_features: features extracted once without augmentation; a fast proxy, "
                "not the official linear-evaluation number")

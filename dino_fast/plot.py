@@ -8,8 +8,8 @@ Each RUN is an output folder (its ``log.txt`` is read) or a log file. Needs matp
 import argparse
 import os
 
-from dino_fast.curves import draw, log_path, read_log
-from dino_fast.errors import MissingDependencyError, UserError, add_debug_flag, command
+from dino_fast.cli.errors import MissingDependencyError, UserError, add_debug_flag, command
+from dino_fast.monitoring.curves import draw, log_path, read_log
 
 
 def build_parser() -> argparse.ArgumentParser:

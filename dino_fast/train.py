@@ -16,25 +16,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dino_fast import distributed as dist_utils
-from dino_fast.checkpoint import WriteError, save_atomic
-from dino_fast.cli import bool_flag, official_arch, resolve_device
+from dino_fast.cli.args import bool_flag, official_arch, resolve_device
+from dino_fast.cli.errors import UserError, add_debug_flag, command
+from dino_fast.cli.flags import check_train_args
+from dino_fast.cli.progress import Progress
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
-from dino_fast.ema import TeacherEMA
-from dino_fast.engine import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
-from dino_fast.errors import UserError, add_debug_flag, command
-from dino_fast.flags import check_train_args
-from dino_fast.loss import DINOLoss
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
+from dino_fast.models.checkpoint import WriteError, save_atomic
 from dino_fast.models.packed import PACK_ATTENTION, PackedMultiCropWrapper
-from dino_fast.monitor import add_monitor_args, build_monitor
-from dino_fast.optim import build_optimizer, get_params_groups
-from dino_fast.progress import Progress
-from dino_fast.resume import check_output_dir, resume, start_position
-from dino_fast.schedules import cosine_scheduler
-from dino_fast.signals import StopRequest
-from dino_fast.step_meters import StepMeters
+from dino_fast.monitoring.monitor import add_monitor_args, build_monitor
+from dino_fast.training import distributed as dist_utils
+from dino_fast.training.ema import TeacherEMA
+from dino_fast.training.loss import DINOLoss
+from dino_fast.training.optim import build_optimizer, get_params_groups
+from dino_fast.training.resume import check_output_dir, resume, start_position
+from dino_fast.training.schedules import cosine_scheduler
+from dino_fast.training.signals import StopRequest
+from dino_fast.training.step import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
+from dino_fast.training.step_meters import StepMeters
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,21 +3,21 @@
 As the official ``visualize_attention.py`` (Caron et al. 2021): the image resized to
 ``--image_size`` (rounded to a multiple of the patch size), the CLS-to-patch attention of each
 head from ``get_last_selfattention``, and the masks keeping ``--threshold`` of the attention
-mass, written as PNG files (see :mod:`dino_fast.attention_maps`). Without ``--checkpoint`` the
-ViT has random weights, for demos. The official flags carry over (``--pretrained_weights``,
-``--checkpoint_key``, ``--arch`` with ``deit_*`` as ``vit_*``, ``--patch_size``, ``--image_path``,
-``--image_size``, ``--output_dir``, ``--threshold``); the arch and patch size default to the
-checkpoint's, and masks are always written (``--threshold`` 0.6 by default, where the official
-default writes none).
+mass, written as PNG files (see :mod:`dino_fast.evaluation.attention_maps`). Without
+``--checkpoint`` the ViT has random weights, for demos. The official flags carry over
+(``--pretrained_weights``, ``--checkpoint_key``, ``--arch`` with ``deit_*`` as ``vit_*``,
+``--patch_size``, ``--image_path``, ``--image_size``, ``--output_dir``, ``--threshold``); the arch
+and patch size default to the checkpoint's, and masks are always written (``--threshold`` 0.6 by
+default, where the official default writes none).
 """
 import argparse
 
 import torch
 
-from dino_fast.attention_maps import cls_patch_attention, load_image, save_attention_maps
-from dino_fast.cli import add_map_args, add_model_args, check_map_args, load_model
-from dino_fast.errors import add_debug_flag, command
-from dino_fast.flags import VISUALIZE_PATHS
+from dino_fast.cli.args import add_map_args, add_model_args, check_map_args, load_model
+from dino_fast.cli.errors import add_debug_flag, command
+from dino_fast.cli.flags import VISUALIZE_PATHS
+from dino_fast.evaluation.attention_maps import cls_patch_attention, load_image, save_attention_maps
 from dino_fast.ops import use_backend
 
 

@@ -5,7 +5,7 @@ Each synthetic "epoch" is one step of the fused DINO loss on made-up logits (K =
 and whose student keeps a distance to it, against a run whose teacher drifts to the uniform
 distribution, or to one prototype for every image, while the student copies it. The log lines
 are what ``dino_fast.train`` writes (less lr, weight decay and center); the collapse rule of
-``dino_fast.health`` runs over them and the warnings it gives are printed.
+``dino_fast.monitoring.health`` runs over them and the warnings it gives are printed.
 
     python docs/collapse_modes.py   # docs/collapse-uniform.png, docs/collapse-one-dimension.png
 """
@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from dino_fast.curves import draw
-from dino_fast.health import epoch_health, first_warning_in_log
+from dino_fast.monitoring.curves import draw
+from dino_fast.monitoring.health import epoch_health, first_warning_in_log
 from dino_fast.ops.dino_loss import dino_loss_with_health
 
 K, BATCH, NCROPS, EPOCHS = 1024, 32, 6, 30

@@ -2,7 +2,7 @@
 inference of its attention maps.
 
 ``python -m dino_fast.export`` (:mod:`.command`) writes the model, ``python -m dino_fast.infer``
-turns images into attention maps with an ONNX export (:mod:`.infer`), and
+turns images into attention maps with an ONNX export (:mod:`dino_fast.infer`), and
 :class:`AttentionMapPredictor` serves one from Python. The ONNX names are imported on first use,
 so the other formats work without ONNX Runtime installed.
 """

@@ -18,9 +18,9 @@ compared with PyTorch before the command returns (``--no_check`` skips that).
 import argparse
 import os
 
-from dino_fast.cli import add_model_args, load_model
-from dino_fast.errors import FlagError, add_debug_flag, command
-from dino_fast.flags import EXPORT, EXPORT_PATHS, validate_args
+from dino_fast.cli.args import add_model_args, load_model
+from dino_fast.cli.errors import FlagError, add_debug_flag, command
+from dino_fast.cli.flags import EXPORT, EXPORT_PATHS, validate_args
 from dino_fast.models import checkpoint_epoch, detect_arch
 from dino_fast.models.pretrained import SAFETENSORS_SUFFIX
 

@@ -125,7 +125,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for block_n in range(tl.cdiv(seqlen, BLOCK_N)):
         mask_n, keys = _rows(block_n, BLOCK_N, start, seqlen)
-        kt = _tile_t(k_base, keys, mask_n, stride_kn, offs_d, mask_d, stride_kd)  # (BLOCK_D, BLOCK_N)
+        # (BLOCK_D, BLOCK_N)
+        kt = _tile_t(k_base, keys, mask_n, stride_kn, offs_d, mask_d, stride_kd)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -137,7 +138,8 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_ptrs = (O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+              + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
     tl.store(LSE + b * stride_lb + h * stride_lh + rows, lse, mask=mask_m)
@@ -200,12 +202,14 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for block_m in range(tl.cdiv(seqlen, BLOCK_M)):
         mask_m, rows = _rows(block_m, BLOCK_M, start, seqlen)
-        qt = _tile_t(q_base, rows, mask_m, stride_qn, offs_d, mask_d, stride_qd)  # (BLOCK_D, BLOCK_M)
+        # (BLOCK_D, BLOCK_M)
+        qt = _tile_t(q_base, rows, mask_m, stride_qn, offs_d, mask_d, stride_qd)
         # Rows past the sequence get lse = +inf, so their probabilities are exactly 0.
         lse = tl.load(LSE + l_base + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
         pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2
                           - lse[None, :])  # (BLOCK_N, BLOCK_M)
-        do = _tile(do_base, rows, mask_m, stride_don, offs_d, mask_d, stride_dod)  # (BLOCK_M, BLOCK_D)
+        # (BLOCK_M, BLOCK_D)
+        do = _tile(do_base, rows, mask_m, stride_don, offs_d, mask_d, stride_dod)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA + l_base + rows, mask=mask_m, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -258,7 +262,8 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
-    g_ptrs = DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    g_ptrs = (DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn
+              + offs_d[None, :] * stride_gd)
     tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -271,9 +276,9 @@ def _attn_bwd_dq_kernel(
 # spill at no head dim up to 128 where the class allows. Exact float32 products run on FMA units
 # with the operands in registers: their own small tiles keep them from spilling on sm_90 at head
 # dim 64 (benchmarks/results/2026-11-30-sm90-resources.md). At DINO's head dim (64) no candidate
-# spills (tests/test_kernel_compile.py). At wider heads some do (up to ~2 KB in half precision,
-# up to 20 KB in the exact-float32 forward); they stay because the ViTs DINO trains have head dim
-# 64 and, when autotuning, a spilling tile loses to the others.
+# spills (tests/kernels/test_kernel_compile.py). At wider heads some do (up to ~2 KB in half
+# precision, up to 20 KB in the exact-float32 forward); they stay because the ViTs DINO trains have
+# head dim 64 and, when autotuning, a spilling tile loses to the others.
 _TENSOR_CORE_TILES = {  # half precision and TF32
     "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
     "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],

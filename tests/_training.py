@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 # vit_tiny on 32 px global / 16 px local crops, K = 32: about half a second per step on one core;
-# no curves.png (matplotlib would add seconds per run; tests/test_monitor.py draws it).
+# no curves.png (matplotlib would add seconds per run; tests/monitoring/test_monitor.py draws it).
 TINY_RUN = ["--arch", "vit_tiny", "--out_dim", "32", "--local_crops_number", "1",
             "--global_crops_size", "32", "--local_crops_size", "16", "--num_workers", "0",
             "--saveckp_freq", "0", "--warmup_epochs", "0", "--loader", "torch", "--device", "cpu",

@@ -54,7 +54,8 @@ def available_backends() -> list[str]:
     names = ["reference"]
     if _backend.cpp_module() is not None:
         names.append("cpp")
-    if _backend.triton_available() and (torch.cuda.is_available() or _backend.triton_interpreting()):
+    if _backend.triton_available() and (torch.cuda.is_available()
+                                        or _backend.triton_interpreting()):
         names.append("triton")
     return names
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _cli import user_error
-
-from dino_fast import eval_knn, knn
+from dino_fast import eval_knn
+from dino_fast.evaluation import knn
 from dino_fast.models import build_vit, load_pretrained
+from tests._cli import user_error
 
 
 def knn_numpy(train, train_labels, test, test_labels, k, T, num_classes):

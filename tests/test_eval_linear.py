@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dino_fast import eval_linear, linear
+from dino_fast import eval_linear
+from dino_fast.evaluation import linear
 from dino_fast.models import build_vit
 
 
@@ -223,7 +224,7 @@ def test_cached_features_say_they_are_not_the_official_number(tmp_path, capsys):
 def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """DDP averages the two shards' gradients: the same classifier as one process with their
     union as its batch (cached features, so no random crops differ)."""
-    from _training import free_port, run
+    from tests._training import free_port, run
     data = make_folder(tmp_path / "data", classes=2, per_class=8)
     flags = ["--arch", "vit_tiny", "--image_size", "32", "--num_workers", "0", "--lr", "0.5",
              "--data_path", data, "--val_path", data, "--cached_features", "--epochs", "2",

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from _cli import user_error
-from dino_fast.curves import PANELS, read_log
+from dino_fast.monitoring.curves import PANELS, read_log
 from dino_fast.plot import main
+from tests._cli import user_error
 
 pytest.importorskip("matplotlib")
 

@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-from dino_fast.checkpoint import load_checkpoint
-from dino_fast.errors import UserError
+from dino_fast.cli.errors import UserError
+from dino_fast.models.checkpoint import load_checkpoint
 from dino_fast.train import build_parser, train
 
 TINY = ["--arch", "vit_tiny", "--out_dim", "256", "--batch_size_per_gpu", "2",

@@ -5,9 +5,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dino_fast.attention_maps import (heat_colormap, load_image, resized_shape, threshold_masks,
-                                      upsample_nearest)
 from dino_fast.data import BadImageError
+from dino_fast.evaluation.attention_maps import (
+    heat_colormap,
+    load_image,
+    resized_shape,
+    threshold_masks,
+    upsample_nearest,
+)
 from dino_fast.models import build_vit
 from dino_fast.visualize import last_cls_attention
 from dino_fast.visualize import main as visualize_main

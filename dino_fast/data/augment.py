@@ -56,7 +56,8 @@ def _chance(p: float, gen) -> bool:
     return torch.rand((), generator=gen).item() < p
 
 
-def random_resized_crop_box(width: int, height: int, scale, ratio, gen) -> tuple[int, int, int, int]:
+def random_resized_crop_box(width: int, height: int, scale, ratio,
+                            gen) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` as torchvision's RandomResizedCrop picks it: up to 10 tries of an
     area fraction U(scale) and a log-uniform aspect ratio; else the whole image, its aspect
     clamped to ``ratio``, centred."""
@@ -95,7 +96,8 @@ def color_jitter(image: Image.Image, gen) -> Image.Image:
 
 def augment_view(image: Image.Image, spec: ViewSpec, gen) -> torch.Tensor:
     """One normalised view ``(3, size, size)`` of ``image`` following ``spec``."""
-    top, left, h, w = random_resized_crop_box(image.width, image.height, spec.scale, CROP_RATIO, gen)
+    top, left, h, w = random_resized_crop_box(image.width, image.height, spec.scale, CROP_RATIO,
+                                              gen)
     view = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size],
                            InterpolationMode.BICUBIC)
     if _chance(FLIP_P, gen):

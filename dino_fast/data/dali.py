@@ -16,7 +16,7 @@ the pipeline restarts at that batch.
 """
 import torch
 
-from dino_fast.errors import MissingDependencyError
+from dino_fast.cli.errors import MissingDependencyError
 
 from .augment import ViewSpec
 from .folder import BadImageError, ImageFolderDataset

@@ -21,12 +21,25 @@ torchvision reference (only the distributions can match, not the pixels):
 * the random resized crop uses DALI's sampler (area U(scale), log-uniform aspect, 10 tries,
   then a centred crop), bicubic with antialiasing like PIL's.
 """
-import nvidia.dali.math as dmath
 import numpy as np
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from .augment import (BLUR_RADIUS, BRIGHTNESS, CONTRAST, CROP_RATIO, FLIP_P, GRAYSCALE_P, HUE,
-                      JITTER_P, MEAN, SATURATION, SOLARIZE_THRESHOLD, STD, ViewSpec)
+from .augment import (
+    BLUR_RADIUS,
+    BRIGHTNESS,
+    CONTRAST,
+    CROP_RATIO,
+    FLIP_P,
+    GRAYSCALE_P,
+    HUE,
+    JITTER_P,
+    MEAN,
+    SATURATION,
+    SOLARIZE_THRESHOLD,
+    STD,
+    ViewSpec,
+)
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, PIL's RGB -> "L"
 

@@ -22,7 +22,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
-from dino_fast.errors import UserError
+from dino_fast.cli.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 NO_CLASS = -1

@@ -14,7 +14,7 @@ batches an uninterrupted epoch yields there; the torch loader does not decode th
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dino_fast.signals import leave_signals_to_main
+from dino_fast.training.signals import leave_signals_to_main
 
 from .augment import DataAugmentationDINO
 from .folder import ImageFolderDataset, bundled_data_path

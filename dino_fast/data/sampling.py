@@ -9,7 +9,7 @@ keyed by its data-set index, so its crops do not depend on worker count or world
 """
 import torch
 
-from dino_fast.errors import UserError
+from dino_fast.cli.errors import UserError
 
 _EPOCH_STRIDE = 1_000_003  # prime; keeps the generator seeds of (seed, epoch) pairs apart
 
@@ -42,7 +42,8 @@ class EpochPlan:
         self.steps = num_images // global_batch  # drop-last
 
     def rank_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's data-set indices for ``epoch`` in reading order, ``(steps * batch_size,)``."""
+        """This rank's data-set indices for ``epoch`` in reading order,
+        ``(steps * batch_size,)``."""
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(self.num_images, generator=gen)
         used = order[: self.steps * self.batch_size * self.world_size]

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from dino_fast.checkpoint import load_file
+from dino_fast.models.checkpoint import load_file
 from dino_fast.models.vision_transformer import ARCH_DIMS, build_vit
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -48,7 +48,8 @@ def checkpoint_epoch(path) -> int | None:
 
 
 def extract_state_dict(checkpoint, key: str = "teacher") -> dict:
-    """The state dict inside ``checkpoint`` (a path or a loaded object), under ``key`` if present."""
+    """The state dict inside ``checkpoint`` (a path or a loaded object), under ``key`` if
+    present."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_weights(checkpoint)
     if not isinstance(checkpoint, dict):
@@ -120,7 +121,7 @@ def build_model(checkpoint=None, arch: str | None = None, patch_size: int | None
     """
     state = None
     if checkpoint is None:
-        warnings.warn("no checkpoint given: the ViT has random weights (demo only)")
+        warnings.warn("no checkpoint given: the ViT has random weights (demo only)", stacklevel=2)
     else:
         state = extract_state_dict(checkpoint, key)
         found = detect_arch(state)

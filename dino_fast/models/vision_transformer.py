@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dino_fast.errors import MissingDependencyError
+from dino_fast.cli.errors import MissingDependencyError
 from dino_fast.ops import attention as attention_op
 
 ATTN_BACKENDS = ("eager", "sdpa", "triton", "xformers")

@@ -29,7 +29,8 @@ from dino_fast.ops import _backend
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float) -> torch.Tensor:
-    """Softmax attention of ``q, k, v`` ``[B, heads, N, head_dim]``; returns ``[B, heads, N, head_dim]``."""
+    """Softmax attention of ``q, k, v`` ``[B, heads, N, head_dim]``; returns
+    ``[B, heads, N, head_dim]``."""
     attn = (q @ k.transpose(-2, -1)) * scale  # (B, heads, N, N)
     return attn.softmax(dim=-1) @ v
 

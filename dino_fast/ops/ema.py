@@ -29,7 +29,8 @@ def check_buffers(teacher: torch.Tensor, student: torch.Tensor):
         raise ValueError(f"teacher {tuple(teacher.shape)} on {teacher.device} and student "
                          f"{tuple(student.shape)} on {student.device} must match")
     if teacher.dtype != torch.float32 or student.dtype != torch.float32:
-        raise ValueError(f"the EMA keeps float32 master weights; got {teacher.dtype}/{student.dtype}")
+        raise ValueError("the EMA keeps float32 master weights; "
+                         f"got {teacher.dtype}/{student.dtype}")
     if not (teacher.is_contiguous() and student.is_contiguous()):
         raise ValueError("the EMA runs on contiguous (flat) buffers")
 

@@ -1,0 +1,78 @@
+"""What the command-line modules share: the model and map flags with their official aliases,
+the official boolean and ``--arch`` parsing, and loading a model for a command (a failure is a
+one-line :class:`~dino_fast.cli.errors.UserError` naming the file). Commands import this; nothing
+here imports a command."""
+import argparse
+
+import torch
+
+from dino_fast.cli.errors import FlagError, UserError
+from dino_fast.cli.flags import MAPS, validate_args
+from dino_fast.models import ARCHS, build_model
+
+
+def bool_flag(value: str) -> bool:
+    """Parse the official boolean flags (``true/false``, ``on/off``, ``1/0``)."""
+    if value.lower() in {"on", "true", "1"}:
+        return True
+    if value.lower() in {"off", "false", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
+
+
+def official_arch(value: str) -> str:
+    """An ``--arch`` value as the official code reads it: ``deit_*`` names the same networks as
+    ``vit_*`` (``main_dino.py``: "we changed the name DeiT-S for ViT-S")."""
+    return value.replace("deit", "vit")
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    """``--checkpoint --arch --patch_size --key``, as the commands that load a model take them
+    (``--pretrained_weights`` and ``--checkpoint_key`` are the official names)."""
+    parser.add_argument("--checkpoint", "--pretrained_weights", dest="checkpoint",
+                        help="our or an official DINO checkpoint, or a backbone state dict "
+                        "(random weights when left out, for demos)")
+    parser.add_argument("--arch", type=official_arch, choices=sorted(ARCHS),
+                        help="default: what the checkpoint holds (vit_small without one); "
+                        "deit_* is accepted for vit_*")
+    parser.add_argument("--patch_size", type=int, help="default: the checkpoint's (16 without)")
+    parser.add_argument("--key", "--checkpoint_key", dest="key", default="teacher",
+                        help="which network of a training checkpoint: teacher (default) or "
+                        "student")
+
+
+def add_map_args(parser: argparse.ArgumentParser, default_size: list[int]):
+    """``--threshold`` and ``--image_size``, as ``visualize`` and ``infer`` take them."""
+    parser.add_argument("--threshold", type=float, default=0.6,
+                        help="fraction of attention mass the masks keep (0.6 as the official "
+                        "video tool)")
+    parser.add_argument("--image_size", type=int, nargs="+", default=default_size,
+                        metavar="SIZE", help="H W, or one value for the shorter side (aspect "
+                        f"kept); rounded to a multiple of the patch size (default {default_size})")
+
+
+def check_map_args(parser: argparse.ArgumentParser, args, paths=()):
+    """Reject a map flag out of range (:data:`dino_fast.cli.flags.MAPS`) or an empty path among
+    ``paths`` with a :class:`FlagError`."""
+    if len(args.image_size) > 2:
+        raise FlagError("--image_size takes one value (shorter side) or two (H W), got "
+                        f"{len(args.image_size)}")
+    validate_args(args, MAPS, paths, parser)
+
+
+def load_model(checkpoint, arch, patch_size, key):
+    """:func:`build_model` for a command line: a load failure is a :class:`UserError` with the
+    reason."""
+    try:
+        return build_model(checkpoint, arch, patch_size, key)
+    except (KeyError, RuntimeError, TypeError, ValueError, OSError) as err:
+        raise UserError(f"cannot load {checkpoint}: {err}") from err
+
+
+def resolve_device(name: str) -> str:
+    """``cuda`` or ``cpu`` for ``--device`` (``auto``: CUDA when available)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available")
+    return name

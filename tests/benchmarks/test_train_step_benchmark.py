@@ -1,0 +1,73 @@
+"""``benchmarks/train_step.py``: the compiled row (dispatches cannot be counted there, kernels
+are), and its CUDA-only profiler pass, run as far as a CPU can."""
+from types import SimpleNamespace
+
+import torch
+from torch._inductor import metrics
+from torch.autograd import DeviceType
+
+from benchmarks import train_step
+from dino_fast.training.ema import TeacherEMA
+from dino_fast.training.loss import DINOLoss
+from dino_fast.training.optim import build_optimizer, get_params_groups
+from dino_fast.training.step import TrainStep
+from tests.training.test_compile import wrapper
+
+
+def tiny_step() -> TrainStep:
+    """A fresh step over two ``wrapper("sdpa")`` models (K = 64, 3 crops)."""
+    torch.manual_seed(0)
+    student, teacher = wrapper("sdpa"), wrapper("sdpa")
+    teacher.load_state_dict(student.state_dict())
+    return TrainStep(student, teacher, DINOLoss(64, 3, 0.04, 0.04, 0, 10),
+                     build_optimizer("adamw", get_params_groups(student)),
+                     TeacherEMA(student, teacher))
+
+
+def test_compiled_configuration_runs_and_counts_kernels(monkeypatch):
+    """``benchmarks/train_step.py --configs fast+compile``: compiled frames refuse to run under
+    the dispatch counter, so its row counts generated kernels, not dispatches (it crashed)."""
+    args = train_step.parse_args(["--device", "cpu", "--repeats", "1", "--batch", "2",
+                                  "--local_crops", "1", "--global_size", "32",
+                                  "--local_size", "16", "--out_dim", "64"])
+
+    def tiny_compiled_step(args, device, cfg):
+        step, calls = tiny_step(), []
+        compiled = torch.compile(step._forward, fullgraph=True, backend="aot_eager")
+
+        def forward(crops):  # stands in for inductor: 7 kernels generated at the first call
+            if not calls:
+                metrics.generated_kernel_count += 7
+            calls.append(crops)
+            return compiled(crops)
+        step.forward = forward
+        return step
+
+    monkeypatch.setattr(train_step, "build_step", tiny_compiled_step)
+    cfg = train_step.configurations(args, cuda=False)["fast+compile"]
+    row = train_step.run_config(args, torch.device("cpu"), "fast+compile", cfg,
+                                train_step.random_crops(args, torch.device("cpu")))
+    assert row["ops_per_step"] is None and row["syncs_per_step"] is None
+    assert row["generated_kernels"] == 7 and row["images_s"] > 0
+
+
+def test_gpu_event_count_leaves_out_annotations():
+    """The GPU columns of ``benchmarks/train_step.py`` (CUDA only) count the profiler's device
+    activities, not the GPU-timeline copies of ``record_function`` ranges, and CUDA syncs."""
+    def event(name, device, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation)
+    events = [event("aten::mm", DeviceType.CPU), event("cudaLaunchKernel", DeviceType.CPU),
+              event("sm90_xmma_gemm", DeviceType.CUDA), event("Memcpy DtoH", DeviceType.CUDA),
+              event("dino_fast::ema_", DeviceType.CUDA, annotation=True),
+              event("cudaStreamSynchronize", DeviceType.CPU),
+              event("cudaDeviceSynchronize", DeviceType.CPU)]
+    assert train_step.count_gpu_events(events) == (2, 2)
+
+
+def test_gpu_profiling_runs_and_reports_no_activity_as_unknown(monkeypatch, capsys):
+    """The profiler pass itself, without a GPU: no GPU activity gives empty columns and a
+    note, not zeros."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    assert train_step.profile_gpu_work(tiny_step(), crops, False, 10) == (None, None)
+    assert "recorded no GPU activity" in capsys.readouterr().err
