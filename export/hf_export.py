@@ -13,9 +13,11 @@ import os
 
 import torch
 
+from dino_fast.export.output import replacing
 from dino_fast.export.parity import check_cls_parity
 from dino_fast.export.safetensors_export import backbone_metadata, backbone_tensors
 
+HF_FILES = ("README.md", "config.json", "model.safetensors", "preprocessor_config.json")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 _BLOCK_NAMES = {  # ours (blocks.{i}.) -> transformers (encoder.layer.{i}.), qkv aside
     "norm1": "layernorm_before", "attn.proj": "attention.output.dense",
@@ -95,13 +97,23 @@ DINO's: LayerNorm eps 1e-6, exact GELU, biases on the query, key and value proje
 """
 
 
-def export_hf(vit, folder: str, arch: str, epoch: int | None = None, check: bool = True):
+def export_hf(vit, folder: str, arch: str, epoch: int | None = None, check: bool = True,
+              overwrite: bool = False):
     """Write the ``ViTModel`` folder for ``vit`` and, with ``check``, load it with
     ``transformers`` and compare its CLS output with ours (skipped, with a message, when
-    transformers is not installed)."""
+    transformers is not installed). The folder is written beside ``folder`` and renamed over it
+    once checked (:func:`~dino_fast.export.output.replacing`): an earlier export there is
+    replaced; other files, or a file at ``folder``, are refused unless ``overwrite``."""
+    with replacing(folder, HF_FILES, overwrite) as temporary:
+        write_hf_folder(vit, temporary, arch, epoch)
+        if check:
+            check_hf(temporary, vit)
+
+
+def write_hf_folder(vit, folder: str, arch: str, epoch: int | None):
+    """Write the files :data:`HF_FILES` for ``vit`` into the existing ``folder``."""
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
     save_file(hf_tensors(vit), os.path.join(folder, "model.safetensors"),
               metadata=backbone_metadata(vit, arch, epoch))
     files = {"config.json": hf_config(vit),
@@ -111,8 +123,6 @@ def export_hf(vit, folder: str, arch: str, epoch: int | None = None, check: bool
             json.dump(content, f, indent=2)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(arch, vit.patch_embed.patch_size, epoch))
-    if check:
-        check_hf(folder, vit)
 
 
 def check_hf(folder: str, vit) -> float | None:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from dino_fast.export.exportable import AttentionMapModel
+from dino_fast.export.output import replacing
+from dino_fast.export.parity import require_finite
 from dino_fast.export.predictor import METADATA_PREFIX, AttentionMapPredictor
 from dino_fast.ops import use_backend
 
@@ -49,7 +51,7 @@ def model_metadata(vit, arch: str, image_size, precision: str) -> dict[str, str]
 
 def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp16: bool = False,
                 opset: int = DEFAULT_OPSET, arch: str = "", optimize: bool = False,
-                check: bool = True, int8: bool = False) -> float | None:
+                check: bool = True, int8: bool = False, overwrite: bool = False) -> float | None:
     """Export ``vit`` to ``output``; returns the max error against PyTorch when ``check``.
 
     ``image_size=(H, W)`` fixes the input size (precomputed positional embeddings); otherwise
@@ -58,7 +60,8 @@ def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp1
     and quantises their inputs on the fly (ONNX Runtime's dynamic quantisation): a CPU speed-up
     at a small cost in accuracy (see ``TOLERANCES``). ``optimize`` saves ONNX Runtime's
     offline-optimised graph (fused MatMul+Add and LayerNorm), which then runs only on the ONNX
-    Runtime build that wrote it.
+    Runtime build that wrote it. The file is written beside ``output`` and renamed over it once
+    checked (:func:`~dino_fast.export.output.replacing`; ``overwrite`` replaces a folder there).
     """
     precision = precision_name(fp16, int8)
     patch = vit.patch_embed.patch_size
@@ -84,12 +87,13 @@ def export_onnx(vit, output: str, image_size: tuple[int, int] | None = None, fp1
     program.model.metadata_props.update(
         {METADATA_PREFIX + k: v for k, v in model_metadata(vit, arch, image_size,
                                                            precision).items()})
-    program.save(output)
-    if int8:
-        _quantize_in_place(output)
-    if optimize:
-        _optimize_in_place(output)
-    return check_onnx(output, vit, image_size, precision) if check else None
+    with replacing(output, overwrite=overwrite) as temporary:
+        program.save(temporary)
+        if int8:
+            _quantize_in_place(temporary)
+        if optimize:
+            _optimize_in_place(temporary)
+        return check_onnx(temporary, vit, image_size, precision, output) if check else None
 
 
 def _quantize_in_place(path: str):
@@ -99,9 +103,11 @@ def _quantize_in_place(path: str):
     try:
         quantize_dynamic(path, quantized, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"])
+        os.replace(quantized, path)
     finally:
         logging.disable(logging.NOTSET)
-    os.replace(quantized, path)
+        if os.path.exists(quantized):
+            os.remove(quantized)
 
 
 def _optimize_in_place(path: str):
@@ -112,13 +118,16 @@ def _optimize_in_place(path: str):
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def check_onnx(path: str, vit, image_size=None, precision: str = "fp32") -> float:
+def check_onnx(path: str, vit, image_size=None, precision: str = "fp32",
+               name: str | None = None) -> float:
     """``onnx.checker`` on ``path``, then ONNX Runtime vs PyTorch on a random input.
 
-    Prints and returns the max absolute error of the attentions; raises if it or the features'
-    error (relative to their largest magnitude) is above the precision's ``TOLERANCES``. ``vit``
-    may be on any device; the comparison runs in float32 on the host.
+    Prints and returns the max absolute error of the attentions; raises if either side's outputs
+    are not finite, or if the attentions' or the features' error (relative to their largest
+    magnitude) is above the precision's ``TOLERANCES``. ``vit`` may be on any device; the
+    comparison runs in float32 on the host. ``name``: the file the messages name (``path``).
     """
+    name = name or path
     import onnx
 
     onnx.checker.check_model(path)
@@ -130,6 +139,8 @@ def check_onnx(path: str, vit, image_size=None, precision: str = "fp32") -> floa
     with use_backend("reference"), torch.no_grad(), torch.autocast(device.type, enabled=False):
         ref_features, ref_attn = vit.forward_with_attention(images.to(device))
     ref_attn, ref_features = ref_attn.float().cpu(), ref_features.float().cpu()
+    require_finite(f"the exported {precision} model {name}",
+                   {"ONNX Runtime": (attentions, features), "PyTorch": (ref_attn, ref_features)})
     attn_error = float(np.abs(attentions - ref_attn[:, :, 0, 1:].numpy()).max())
     feat_error = float(np.abs(features - ref_features.numpy()).max())
     feat_scale = float(ref_features.abs().max())
@@ -137,6 +148,6 @@ def check_onnx(path: str, vit, image_size=None, precision: str = "fp32") -> floa
           f"{attn_error:.3g}, features {feat_error:.3g} (feature scale {feat_scale:.3g})")
     attn_tol, feat_tol = TOLERANCES[precision]
     if attn_error > attn_tol or feat_error > feat_tol * max(1.0, feat_scale):
-        raise RuntimeError(f"the exported {precision} model {path} disagrees with PyTorch beyond "
+        raise RuntimeError(f"the exported {precision} model {name} disagrees with PyTorch beyond "
                            f"{attn_tol} (attentions) or {feat_tol} (features, relative)")
     return attn_error

@@ -4,13 +4,76 @@ Uses the CUDA execution provider when ONNX Runtime has it (``pip install 'dino-f
 else the CPU. On CUDA, the input, the outputs and the session live on ONE device, the session's
 (its ``device_id``): a CUDA tensor on that device is read in place, any other input is copied
 there, and the outputs are bound there before being copied to the host.
+
+A model path that is not an ONNX export (a folder, a PyTorch checkpoint, safetensors weights, a
+damaged file) is a ``ValueError`` saying what it is. :func:`pixel_budget` sizes the largest
+image one model can take within :data:`MEMORY_BUDGET`.
 """
+import math
+import os
+import shlex
+import zipfile
+
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 METADATA_PREFIX = "dino_fast."  # keys of the ONNX metadata written by the export
 OUTPUTS = ("attentions", "features")
 CUDA_ATTENTION_ORT = (1, 25)  # the first ONNX Runtime with a CUDA kernel for ONNX Attention-23
+# What ONNX Runtime raises: one plain Exception subclass per status code (a damaged file, a
+# failed allocation, a kernel error), all defined in its binding module.
+ORT_ERRORS = tuple(error for error in vars(ort_state).values()
+                   if isinstance(error, type) and issubclass(error, Exception))
+# Memory for one image's attention. The peak of one forward pass, measured with ONNX Runtime
+# 1.32 on the CPU (vit_base/16, 768 to 1536 pixels square, opset 18 and 23), is 1.4 to 3.5
+# float32 copies of one block's [heads, N + 1, N + 1] attention; 4 bounds it. 8 GiB is a third of
+# the 24 GiB of this project's machines, leaving the rest to the decoded image and to others.
+ATTENTION_COPIES = 4
+MEMORY_BUDGET = 8 * 2**30
+
+
+def pixel_budget(num_heads: int, patch_size: int, memory: int = MEMORY_BUDGET) -> int:
+    """The most pixels (a multiple of ``patch_size**2``) of one image whose attention,
+    :data:`ATTENTION_COPIES` float32 copies of ``[heads, N + 1, N + 1]`` with ``N`` patches,
+    fits in ``memory`` bytes: it grows as ``patch_size**2 / sqrt(num_heads)``, from 427,968
+    pixels (654 x 654) for vit_base/8 to 2,421,248 (1556 x 1556) for vit_small/16."""
+    tokens = math.isqrt(memory // (ATTENTION_COPIES * 4 * num_heads))
+    return (tokens - 1) * patch_size**2
+
+
+def check_model_file(path: str):
+    """Raise a ``ValueError`` saying what ``path`` is when it is plainly not an ONNX model: a
+    folder, a PyTorch checkpoint (zip or legacy pickle) or safetensors weights, the last two with
+    the export command that makes one. A missing path is left to ONNX Runtime."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an ONNX model file (the .onnx file that "
+                         "`python -m dino_fast.export --output` writes)")
+    if not os.path.isfile(path):
+        return
+    kind = _weights_kind(path)
+    if kind:
+        stem = os.path.splitext(path)[0]
+        onnx_path = stem + ("-export.onnx" if path.endswith(".onnx") else ".onnx")  # not over it
+        raise ValueError(f"{path} is {kind}, not an ONNX model; export it first: python -m "
+                         f"dino_fast.export --checkpoint {shlex.quote(path)} --output "
+                         f"{shlex.quote(onnx_path)}")
+
+
+def _weights_kind(path: str) -> str | None:
+    """``a PyTorch checkpoint`` or ``safetensors weights`` when the file's first bytes say so."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:  # torch.save writes <name>/data.pkl
+            if any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a PyTorch checkpoint"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # legacy torch.save: a pickle
+        return "a PyTorch checkpoint"
+    header_size = int.from_bytes(head[:8], "little")  # safetensors: u64 size, then JSON
+    if head[8:9] == b"{" and 8 + header_size <= os.path.getsize(path):
+        return "safetensors weights"
+    return None
 
 
 def default_providers() -> list[str]:
@@ -30,11 +93,16 @@ class AttentionMapPredictor:
     def __init__(self, model_path: str, providers: list[str] | None = None,
                  threads: int | None = None, patch_size: int | None = None,
                  arch: str | None = None):
+        check_model_file(model_path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(model_path, options,
-                                            providers=providers or default_providers())
+        try:
+            self.session = ort.InferenceSession(model_path, options,
+                                                providers=providers or default_providers())
+        except ORT_ERRORS as err:
+            raise ValueError(f"cannot load {model_path} as an ONNX model (is it damaged or "
+                             f"truncated? export it again): {err}") from err
         meta = {k.removeprefix(METADATA_PREFIX): v for k, v in
                 self.session.get_modelmeta().custom_metadata_map.items()}
         if "patch_size" not in meta:

@@ -9,6 +9,7 @@ that takes ``--checkpoint``, in the official DINO code (``model.load_state_dict`
 import torch
 
 import dino_fast
+from dino_fast.export.output import replacing
 
 
 def backbone_tensors(vit) -> dict[str, torch.Tensor]:
@@ -29,8 +30,12 @@ def backbone_metadata(vit, arch: str, epoch: int | None = None) -> dict[str, str
     return metadata
 
 
-def export_safetensors(vit, path: str, arch: str, epoch: int | None = None):
-    """Write ``vit``'s weights and :func:`backbone_metadata` to ``path``."""
+def export_safetensors(vit, path: str, arch: str, epoch: int | None = None,
+                       overwrite: bool = False):
+    """Write ``vit``'s weights and :func:`backbone_metadata` to ``path``, through a temporary
+    file renamed over it when complete (:func:`~dino_fast.export.output.replacing`;
+    ``overwrite`` replaces a folder there)."""
     from safetensors.torch import save_file
 
-    save_file(backbone_tensors(vit), path, metadata=backbone_metadata(vit, arch, epoch))
+    with replacing(path, overwrite=overwrite) as temporary:
+        save_file(backbone_tensors(vit), temporary, metadata=backbone_metadata(vit, arch, epoch))

@@ -14,9 +14,11 @@ offline with either of::
 import json
 import os
 
+from dino_fast.export.output import replacing
 from dino_fast.export.parity import check_cls_parity
 from dino_fast.export.safetensors_export import export_safetensors
 
+TIMM_FILES = ("config.json", "model.safetensors")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TIMM_MODELS = {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch8_224",
                "vit_base_patch16_224", "vit_base_patch8_224"}
@@ -49,16 +51,18 @@ def timm_config(vit, arch: str) -> dict:
                                "classifier": "head"}}
 
 
-def export_timm(vit, folder: str, arch: str, epoch: int | None = None, check: bool = True):
+def export_timm(vit, folder: str, arch: str, epoch: int | None = None, check: bool = True,
+                overwrite: bool = False):
     """Write ``folder/model.safetensors`` and ``folder/config.json`` for ``vit``; with ``check``,
     load them with timm and compare its output with ours (skipped, with a message, when timm is
-    not installed)."""
-    os.makedirs(folder, exist_ok=True)
-    export_safetensors(vit, os.path.join(folder, "model.safetensors"), arch, epoch)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(timm_config(vit, arch), f, indent=2)
-    if check:
-        check_timm(folder, vit, arch)
+    not installed). Written beside ``folder`` and renamed over it once checked, as
+    :func:`~dino_fast.export.hf_export.export_hf` does (``overwrite``: the same)."""
+    with replacing(folder, TIMM_FILES, overwrite) as temporary:
+        export_safetensors(vit, os.path.join(temporary, "model.safetensors"), arch, epoch)
+        with open(os.path.join(temporary, "config.json"), "w") as f:
+            json.dump(timm_config(vit, arch), f, indent=2)
+        if check:
+            check_timm(temporary, vit, arch)
 
 
 def check_timm(folder: str, vit, arch: str) -> float | None:

@@ -7,31 +7,86 @@ norm (``parametrizations.weight.original0/1``), which is mapped to ``weight_g``/
 A path ending in ``.safetensors`` is read with safetensors (tensors only, nothing is unpickled):
 the backbone files ``python -m dino_fast.export --format safetensors`` writes, and the
 ``model.safetensors`` of a ``--format timm`` export.
+
+What is loaded is checked for what it claims to be: a file that is not a checkpoint says what it
+is instead (empty, ONNX, text, ...); the weights of a Hugging Face ``transformers`` ViT are
+recognised and the error says how to load them; tensors that are not floating point, or that
+hold NaN or infinite values, are refused by name.
 """
 import os
+import re
 import warnings
 
 import torch
 import torch.nn as nn
 
-from dino_fast.models.checkpoint import load_file
+from dino_fast.models.checkpoint import file_kind, load_file
 from dino_fast.models.vision_transformer import ARCH_DIMS, build_vit
 
 SAFETENSORS_SUFFIX = ".safetensors"
+_HF_NAMES = re.compile(r"^(vit\.|dinov2\.)?(embeddings\.patch_embeddings\.|encoder\.layer\.\d+\.)")
 _PARAMETRIZE_KEYS = {"parametrizations.weight.original0": "weight_g",
                      "parametrizations.weight.original1": "weight_v"}
 
 
 def read_weights(path) -> dict:
     """What the checkpoint file ``path`` holds: the tensors of a ``.safetensors`` file, or the
-    object of a PyTorch pickle read without running code (see :func:`load_file`)."""
+    object of a PyTorch pickle read without running code (see :func:`load_file`). A folder is
+    refused, saying what it holds."""
+    if os.path.isdir(path):
+        raise RuntimeError(_folder_message(str(path)))
     if not str(path).endswith(SAFETENSORS_SUFFIX):
         return load_file(path)
     from safetensors.torch import load_file as load_safetensors
     try:
         return load_safetensors(str(path), device="cpu")
     except Exception as err:  # SafetensorError, OSError: the file is missing or not safetensors
-        raise RuntimeError(f"cannot read {path}: {err}") from err
+        raise RuntimeError(f"cannot read {path}: {_safetensors_cause(str(path), err)}") from err
+
+
+def _safetensors_cause(path: str, err: Exception) -> str:
+    """Why safetensors could not read ``path``, in words (its own message when no better)."""
+    if not os.path.isfile(path):
+        return str(err)
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "not safetensors: looks like a PyTorch checkpoint (name it *.pth)"
+    kind = file_kind(head)
+    if kind is None or "safetensors" in kind:
+        return f"a damaged or truncated safetensors file ({err})"
+    return f"not safetensors: {kind}"
+
+
+def _folder_message(folder: str) -> str:
+    """Why the folder ``folder`` is not read as a checkpoint, and what to give instead."""
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights):
+        return f"{folder} is a folder, not a checkpoint file"
+    from safetensors import safe_open
+    try:
+        with safe_open(weights, framework="pt") as f:
+            names = list(f.keys())
+    except Exception:  # not readable: the plain answer below still holds
+        names = []
+    if is_hf_vit(names):
+        return hf_vit_message(folder)
+    return f"{folder} is a folder: give its weights file, {weights}"
+
+
+def is_hf_vit(names) -> bool:
+    """Whether the tensor ``names`` are those of a Hugging Face ``transformers`` ViT
+    (``embeddings.patch_embeddings...``, ``encoder.layer.N...``)."""
+    return any(_HF_NAMES.match(name) for name in names)
+
+
+def hf_vit_message(source) -> str:
+    """What to say when ``source`` holds a Hugging Face ``transformers`` ViT's weights."""
+    return (f"{source} holds a Hugging Face transformers ViT (embeddings.patch_embeddings..., "
+            "encoder.layer.N...): load it with transformers (ViTModel.from_pretrained(folder)); "
+            "dino_fast reads its own, official DINO or timm weights")
 
 
 def checkpoint_epoch(path) -> int | None:
@@ -49,7 +104,8 @@ def checkpoint_epoch(path) -> int | None:
 
 def extract_state_dict(checkpoint, key: str = "teacher") -> dict:
     """The state dict inside ``checkpoint`` (a path or a loaded object), under ``key`` if
-    present."""
+    present; a Hugging Face ``transformers`` ViT's is refused, saying how to load it."""
+    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_weights(checkpoint)
     if not isinstance(checkpoint, dict):
@@ -59,7 +115,10 @@ def extract_state_dict(checkpoint, key: str = "teacher") -> dict:
     elif any(isinstance(v, dict) for v in checkpoint.values()) and \
             not any(torch.is_tensor(v) for v in checkpoint.values()):
         raise KeyError(f"checkpoint has no {key!r} entry; it has {sorted(checkpoint)}")
-    return normalize_keys(checkpoint)
+    state = normalize_keys(checkpoint)
+    if is_hf_vit(state):
+        raise ValueError(hf_vit_message(source))
+    return state
 
 
 def normalize_keys(state_dict: dict) -> dict:
@@ -86,6 +145,7 @@ def load_pretrained(model: nn.Module, checkpoint, key: str = "teacher", strict: 
         if any(k.startswith("backbone.") for k in state):
             state = {k.removeprefix("backbone."): v for k, v in state.items()
                      if k.startswith("backbone.")}
+    check_values(state, own)
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                     for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     missing = sorted(set(own) - set(state))
@@ -102,11 +162,30 @@ def load_pretrained(model: nn.Module, checkpoint, key: str = "teacher", strict: 
     return missing, unexpected
 
 
+def check_values(state: dict, own: dict):
+    """Refuse, by name, the entries of ``state`` for the model's tensors ``own`` that are not
+    tensors, that are not floating point where the model's are (integer, bool: a cast would
+    silently truncate, or make 0/1 weights), or that hold NaN or infinite values (the weights of
+    a diverged run, which make every output NaN)."""
+    loaded = {k: v for k, v in state.items() if k in own}
+    wrong = [f"{k} ({v.dtype if torch.is_tensor(v) else type(v).__name__})"
+             for k, v in loaded.items() if not torch.is_tensor(v)
+             or (own[k].is_floating_point() and not v.is_floating_point())]
+    if wrong:
+        raise RuntimeError(f"checkpoint entries that are not floating-point tensors as the "
+                           f"model's ({len(wrong)}): {', '.join(wrong[:20])}")
+    nonfinite = [k for k, v in loaded.items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise RuntimeError(f"checkpoint tensors with NaN or infinite values ({len(nonfinite)}; "
+                           f"a diverged run?): {', '.join(nonfinite[:20])}")
+
+
 def detect_arch(state_dict: dict) -> tuple[str, int] | None:
     """``(arch, patch_size)`` of the ViT whose weights ``state_dict`` holds, or None if unknown."""
     state = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
     weight = state.get("patch_embed.proj.weight")  # (dim, 3, p, p)
-    if weight is None or weight.ndim != 4:
+    if not torch.is_tensor(weight) or weight.ndim != 4:
         return None
     arch = next((a for a, (dim, _) in ARCH_DIMS.items() if dim == weight.shape[0]), None)
     return (arch, int(weight.shape[-1])) if arch else None

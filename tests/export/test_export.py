@@ -5,6 +5,8 @@ one two-block vit_small (the same graph, fewer blocks to keep the test fast) are
 Runtime on the CPU at square, non-square and off-grid sizes, and at several batch sizes.
 Tolerance: 1e-4 max absolute error in fp32, as the issue sets.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,14 @@ def test_int8_accuracy_runner_compares_with_fp32(tiny, tmp_path):
     assert int8["mask IoU vs fp32"] > 0.5
     assert float(int8["feature cosine vs fp32 (min)"]) > 0.99
     assert 0 <= int8["3-NN top-1"] <= 100
+
+
+def test_a_model_with_non_finite_outputs_fails_its_check_and_writes_nothing(tmp_path):
+    """Both ONNX Runtime and PyTorch give NaN here; the errors are NaN too, and NaN > tolerance
+    is False: the check used to pass, and the file was written."""
+    vit = random_vit("vit_tiny", depth=1)
+    with torch.no_grad():
+        vit.norm.weight[0] = float("nan")
+    with pytest.raises(RuntimeError, match="ONNX Runtime and PyTorch is not finite"):
+        export_onnx(vit, str(tmp_path / "nan.onnx"), arch="vit_tiny")
+    assert os.listdir(tmp_path) == []

@@ -205,3 +205,25 @@ def test_exports_work_without_the_optional_libraries(tmp_path, monkeypatch, caps
     assert "transformers is not installed" in out and "timm is not installed" in out
     assert (tmp_path / "hf" / "model.safetensors").exists()
     assert (tmp_path / "timm" / "config.json").exists()
+
+
+def test_the_check_fails_when_either_side_is_not_finite():
+    """NaN minus NaN is NaN, which no tolerance test rejects unless asked: both sides are checked
+    for finite values first, and the message names the side that is not."""
+    from dino_fast.export.parity import check_cls_parity
+
+    vit = random_vit("vit_tiny", 16)
+    with pytest.raises(RuntimeError, match="output of timm is not finite"):
+        check_cls_parity(vit, lambda x: vit(x) * float("nan"), "timm")
+    with torch.no_grad():
+        vit.norm.bias[0] = float("inf")
+    with pytest.raises(RuntimeError, match="output of timm and dino_fast is not finite"):
+        check_cls_parity(vit, vit, "timm")
+
+
+def test_a_checkpoint_that_is_not_one_is_one_line_saying_what_it_is(tmp_path, capsys):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    line = user_error(capsys, export_main, ["--checkpoint", str(tmp_path / "empty.pth"),
+                                            "--format", "safetensors",
+                                            "--output", str(tmp_path / "w.safetensors")])
+    assert "empty file" in line and not (tmp_path / "w.safetensors").exists()
