@@ -89,6 +89,7 @@ EVAL_LINEAR_PATHS = ("checkpoint", "data_path", "val_path", "output_dir")
 MAPS = {"patch_size": at_least(1), "threshold": fraction(low_open=True),
         "image_size": at_least(1), "threads": at_least(1)}  # visualize and infer
 VISUALIZE_PATHS = ("checkpoint", "image_path", "output_dir")
+INFER = {"max_pixels": at_least(1)}
 INFER_PATHS = ("model", "images", "output_dir")
 
 EXPORT = {"patch_size": at_least(1), "image_size": at_least(1),

@@ -7,6 +7,7 @@ patches holding ``threshold`` of a head's attention mass (Caron et al. 2021, Fig
 official ``--threshold``), both upsampled by the patch size (nearest) and written as PNG files:
 heat-map overlays on the image and black/white masks.
 """
+import math
 import os
 
 import numpy as np
@@ -21,10 +22,18 @@ _HEAT_ANCHORS = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9)
                          dtype=np.float64)
 
 
-def _resize_target(height: int, width: int, image_size, patch_size: int) -> tuple[int, int]:
+class PixelBudgetError(ValueError):
+    """An image that cannot be resized within a pixel budget: even one patch on its shorter side,
+    with the aspect ratio kept, would exceed it."""
+
+
+def _resize_target(height: int, width: int, image_size, patch_size: int,
+                   max_pixels: int | None = None) -> tuple[int, int]:
     """``(H, W)`` the image is resized to before the crop, as torchvision's ``Resize``: None keeps
     the size, one int (or a 1-sequence) scales the shorter side to it keeping the aspect ratio,
-    ``(H, W)`` is exact. Each side is at least one patch."""
+    ``(H, W)`` is exact. Each side is at least one patch. With ``max_pixels``, a size whose crop
+    would hold more pixels is scaled down, aspect ratio kept, until its crop fits (see
+    :func:`_fit_pixels`)."""
     if image_size is not None and not isinstance(image_size, int) and len(image_size) == 1:
         image_size = image_size[0]
     if image_size is None:
@@ -37,28 +46,57 @@ def _resize_target(height: int, width: int, image_size, patch_size: int) -> tupl
         size = tuple(image_size)
     if min(size) <= 0:
         raise ValueError(f"image size must be positive, got {image_size}")
-    return tuple(max(patch_size, s) for s in size)
+    size = tuple(max(patch_size, s) for s in size)
+    if max_pixels is not None and math.prod(_crop(size, patch_size)) > max_pixels:
+        size = _fit_pixels(size, patch_size, max_pixels)
+    return size
 
 
-def resized_shape(height: int, width: int, image_size, patch_size: int) -> tuple[int, int]:
+def _crop(size: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """``size`` cropped down to multiples of ``patch_size``."""
+    return tuple(s - s % patch_size for s in size)
+
+
+def _fit_pixels(size: tuple[int, int], patch_size: int, max_pixels: int) -> tuple[int, int]:
+    """``size`` scaled by ``sqrt(max_pixels / pixels)``, so that its crop to multiples of the
+    patch holds at most ``max_pixels`` (the crop loses under one patch per side); raises
+    :class:`PixelBudgetError` when one patch on the shorter side is already too many."""
+    scale = math.sqrt(max_pixels / (size[0] * size[1]))
+    fitted = tuple(max(patch_size, int(s * scale)) for s in size)
+    if math.prod(_crop(fitted, patch_size)) > max_pixels:
+        height, width = _crop(fitted, patch_size)
+        raise PixelBudgetError(
+            f"{size[0]}x{size[1]} does not fit in {max_pixels} pixels with its aspect ratio "
+            f"kept: one {patch_size}-pixel patch on its shorter side makes {height}x{width}, "
+            f"over the budget of {max_pixels} pixels")
+    return fitted
+
+
+def resized_shape(height: int, width: int, image_size, patch_size: int,
+                  max_pixels: int | None = None) -> tuple[int, int]:
     """``(H, W)`` of the model input: the resize target (see ``_resize_target``) cropped down to
-    multiples of ``patch_size``."""
-    return tuple(s - s % patch_size
-                 for s in _resize_target(height, width, image_size, patch_size))
+    multiples of ``patch_size``; at most ``max_pixels`` pixels when given."""
+    return _crop(_resize_target(height, width, image_size, patch_size, max_pixels), patch_size)
 
 
 def load_image(path, image_size, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The image at ``path`` as the official ``visualize_attention.py`` prepares it: resized
-    (bilinear, see :func:`resized_shape`), then cropped at the bottom and right to multiples of
-    the patch size. Returns ``(rgb, normalised)``.
+    """The image at ``path`` as the official ``visualize_attention.py`` prepares it (see
+    :func:`prepare_image`). An unreadable file raises :class:`dino_fast.data.BadImageError`
+    naming it."""
+    return prepare_image(load_rgb(str(path)), image_size, patch_size)
+
+
+def prepare_image(img: Image.Image, image_size, patch_size: int,
+                  max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB PIL image resized (bilinear, see :func:`resized_shape`), then cropped at the bottom
+    and right to multiples of the patch size, as official. Returns ``(rgb, normalised)``.
 
     ``rgb`` is uint8 ``[H, W, 3]`` for the overlays, ``normalised`` float32 ``[3, H, W]`` with the
-    ImageNet mean and std, the model's input. An unreadable file raises
-    :class:`dino_fast.data.BadImageError` naming it.
+    ImageNet mean and std, the model's input. ``max_pixels`` bounds ``H * W`` (scaled down,
+    aspect ratio kept; :class:`PixelBudgetError` when it cannot be).
     """
-    img = load_rgb(str(path))
-    height, width = _resize_target(img.height, img.width, image_size, patch_size)
-    crop_h, crop_w = resized_shape(img.height, img.width, image_size, patch_size)
+    height, width = _resize_target(img.height, img.width, image_size, patch_size, max_pixels)
+    crop_h, crop_w = _crop((height, width), patch_size)
     rgb = np.asarray(img.resize((width, height), Image.BILINEAR))[:crop_h, :crop_w]  # (H, W, 3)
     normalised = (rgb.astype(np.float32) / 255 - MEAN) / STD
     return rgb, normalised.transpose(2, 0, 1).astype(np.float32)  # (3, H, W)
