@@ -16,15 +16,25 @@ label instead of a held-out few.
 The official flags carry over: ``--pretrained_weights``, ``--checkpoint_key``, ``--arch``
 (``deit_*`` as ``vit_*``), ``--patch_size``, ``--batch_size_per_gpu``, ``--nb_knn``,
 ``--temperature``, ``--num_workers`` (capped at the CPU count), ``--use_cuda``,
-``--dump_features``, ``--load_features``, and ``--data_path ROOT`` with ``ROOT/train`` and
-``ROOT/val``.
+``--dump_features``, ``--load_features``, ``--data_path ROOT`` with ``ROOT/train`` and
+``ROOT/val``, and ``--dist_url``/``--local_rank`` (``--local-rank``) under a launcher. The
+evaluation runs in one process: under ``torchrun`` or ``torch.distributed.launch`` rank 0 does it
+all and the other ranks return at once (no duplicate work, no two writers of
+``--dump_features``).
 """
 import argparse
 import os
 
 import torch
 
-from dino_fast.cli.args import add_model_args, bool_flag, load_model, resolve_device
+from dino_fast.cli.args import (
+    add_launcher_args,
+    add_model_args,
+    bool_flag,
+    launched_rank,
+    load_model,
+    resolve_device,
+)
 from dino_fast.cli.errors import FlagError, add_debug_flag, command
 from dino_fast.cli.flags import EVAL_KNN, EVAL_KNN_PATHS, validate_args
 from dino_fast.evaluation.knn import (
@@ -65,24 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_features", default=None,
                    help="folder of saved features: no model, no images")
     p.add_argument("--seed", default=0, type=int, help="random init and the val split")
+    add_launcher_args(p)
     add_debug_flag(p)
     return p
+
+
+def check_image_size(image_size: int, patch_size: int | None):
+    """A flag error unless ``--image_size`` is a multiple of the patch size (when known)."""
+    if patch_size and image_size % patch_size:
+        raise FlagError(f"--image_size {image_size} must be a multiple of the patch size "
+                        f"{patch_size}")
 
 
 def compute_features(args, device):
     """The features of the images named by ``args``, written to ``--dump_features`` if given."""
     if args.data_path is None:
         raise FlagError("--data_path is required (unless --load_features is given)")
-    torch.manual_seed(args.seed)
-    if args.checkpoint is None:
-        model = build_vit(args.arch or "vit_small", args.patch_size or 16)
-    else:
-        model = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
-    if args.image_size % model.patch_embed.patch_size:
-        raise FlagError(f"--image_size {args.image_size} must be a multiple of the patch size "
-                        f"{model.patch_embed.patch_size}")
+    patch_size = args.patch_size or (16 if args.checkpoint is None else None)
+    check_image_size(args.image_size, patch_size)  # a flag error before reading any data
     train_set, val_set = build_datasets(args.data_path, args.val_path, args.val_split,
                                         args.image_size, args.seed, args.leave_one_out)
+    torch.manual_seed(args.seed)
+    if args.checkpoint is None:
+        model = build_vit(args.arch or "vit_small", patch_size)
+    else:
+        model = load_model(args.checkpoint, args.arch, args.patch_size, args.key)
+    check_image_size(args.image_size, model.patch_embed.patch_size)
     queries = (f"leave-one-out on {len(train_set)}" if val_set is None
                else f"on {len(train_set)} train / {len(val_set)} val")
     print(f"k-NN {queries} images, {len(train_set.classes)} classes, "
@@ -96,10 +114,13 @@ def compute_features(args, device):
 
 @command
 def main(argv=None) -> dict:
-    """Entry point of ``python -m dino_fast.eval_knn``; prints and returns the accuracies."""
+    """Entry point of ``python -m dino_fast.eval_knn``; prints and returns the accuracies (an
+    empty dict on the ranks above 0 of a launcher, which leave the evaluation to rank 0)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args, EVAL_KNN, EVAL_KNN_PATHS, parser)
+    if launched_rank() != 0:
+        return {}
     device = resolve_device(args.device)
     if args.load_features:
         features = load_features(args.load_features, args.leave_one_out).to(device)

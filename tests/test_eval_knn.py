@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dino_fast import eval_knn
+from dino_fast import eval_knn, eval_linear
 from dino_fast.evaluation import knn
 from dino_fast.models import build_vit, load_pretrained
-from tests._cli import user_error
+from tests._cli import user_error, user_error_and_output
 
 
 def knn_numpy(train, train_labels, test, test_labels, k, T, num_classes):
@@ -197,3 +197,54 @@ def test_official_flags_layout_and_saved_features(tmp_path, capsys, monkeypatch)
     make_folder(tmp_path / "single" / "val", [2])
     line = user_error(capsys, eval_knn.main, ["--data_path", str(tmp_path / "single"), *common])
     assert "at least two classes" in line
+
+
+def bad_layout(root, case: str) -> str:
+    """A ``--data_path`` of the official layout that is wrong in the way ``case`` names."""
+    if case == "missing folder":
+        return str(root / "nowhere")
+    make_folder(root / "train", [2, 2])
+    make_folder(root / "val", [1, 1])
+    if case == "empty class folder":
+        (root / "train" / "class2").mkdir()
+        (root / "val" / "class2").mkdir()
+    else:  # a val class unknown to train
+        (root / "val" / "class1").rename(root / "val" / "zebra")
+    return str(root)
+
+
+@pytest.mark.parametrize("command", [eval_knn, eval_linear], ids=["knn", "linear"])
+@pytest.mark.parametrize("case,cause", [
+    ("missing folder", "does not exist"),
+    ("empty class folder", "class folder(s) ['class2'] hold no image"),
+    ("val class unknown to train", "only in val: ['zebra'], only in train: ['class1']")])
+def test_bad_data_is_one_line_naming_the_folder(tmp_path, capsys, command, case, cause):
+    root = bad_layout(tmp_path / "root", case)
+    line, out = user_error_and_output(capsys, command.main, [
+        "--arch", "vit_tiny", "--image_size", "32", "--num_workers", "0", "--device", "cpu",
+        "--data_path", root, *(["--output_dir", str(tmp_path)] if command is eval_linear else [])])
+    assert cause in line and root in line, line
+    assert "linear evaluation of" not in out  # refused before a model is loaded
+
+
+@pytest.mark.parametrize("flag,value", [("--nb_knn", "0"), ("--batch_size_per_gpu", "0"),
+                                        ("--temperature", "0")])
+def test_flags_out_of_range_are_one_line(tmp_path, capsys, flag, value):
+    line = user_error(capsys, eval_knn.main, ["--data_path", str(tmp_path), flag, value], code=2)
+    assert flag in line and f"got {value}" in line, line
+
+
+def test_launcher_flags_and_one_process_for_the_evaluation(tmp_path, monkeypatch):
+    """torch.distributed.launch passes --local-rank=N: accepted. Rank 0 evaluates alone; the
+    other ranks return at once, so --dump_features has one writer."""
+    make_folder(tmp_path / "root" / "train", [2, 2])
+    make_folder(tmp_path / "root" / "val", [1, 1])
+    flags = ["--arch", "vit_tiny", "--data_path", str(tmp_path / "root"), "--image_size", "32",
+             "--nb_knn", "2", "--num_workers", "0", "--device", "cpu", "--dist_url", "env://",
+             "--dump_features", str(tmp_path / "features")]
+    monkeypatch.setenv("RANK", "1")
+    assert eval_knn.main([*flags, "--local-rank=1"]) == {}
+    assert not (tmp_path / "features").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert 2 in eval_knn.main([*flags, "--local_rank", "0"])
+    assert (tmp_path / "features" / "trainfeat.pth").is_file()

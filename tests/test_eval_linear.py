@@ -14,6 +14,7 @@ from torch import nn
 from dino_fast import eval_linear
 from dino_fast.evaluation import linear
 from dino_fast.models import build_vit
+from tests._cli import user_error, user_error_and_output
 
 
 def small_vit(depth=4):
@@ -180,9 +181,9 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
     logged = [json.loads(line)
               for line in (tmp_path / "resumed" / "log.txt").read_text().splitlines()]
     assert [entry["epoch"] for entry in logged] == [0, 1, 2]
-    with pytest.raises(SystemExit, match="--cached_features"):  # the other feature mode
-        eval_linear.main([*TINY, "--data_path", data, "--val_split", "0.25", "--epochs", "4",
-                          "--output_dir", str(tmp_path / "resumed")])
+    assert "--cached_features" in user_error(capsys, eval_linear.main, [  # the other mode
+        *TINY, "--data_path", data, "--val_split", "0.25", "--epochs", "4",
+        "--output_dir", str(tmp_path / "resumed")])
 
 
 def test_command_end_to_end_on_images(tmp_path, capsys):
@@ -195,20 +196,100 @@ def test_command_end_to_end_on_images(tmp_path, capsys):
     assert "last 4 CLS tokens" in printed and "top-5" in printed
     assert "not the official" not in printed
     saved = torch.load(out / "checkpoint.pth.tar", weights_only=True)
-    assert sorted(saved) == ["best_acc", "cached_features", "epoch", "optimizer", "scheduler",
-                             "state_dict"]
+    assert sorted(saved) == ["backbone", "best_acc", "cached_features", "epoch", "optimizer",
+                             "scheduler", "state_dict"]
     assert sorted(saved["state_dict"]) == ["module.linear.bias", "module.linear.weight"]
     assert saved["state_dict"]["module.linear.weight"].shape == (5, 4 * 192)
     evaluated = eval_linear.main([*flags, "--evaluate"])
     assert evaluated["acc1"] == pytest.approx(result["acc1"])
-    with pytest.raises(SystemExit, match="needs --n_last_blocks 1"):
-        eval_linear.main([*flags, "--avgpool_patchtokens", "true"])
-    with pytest.raises(SystemExit, match="holds another classifier"):
-        eval_linear.main([*flags, "--n_last_blocks", "1", "--epochs", "3"])
-    with pytest.raises(SystemExit, match="--num_labels 1000, but"):
-        eval_linear.main([*flags, "--num_labels", "1000"])
-    with pytest.raises(SystemExit, match="no classifier"):
-        eval_linear.main([*flags, "--evaluate", "--output_dir", str(tmp_path / "none")])
+    for extra, cause in [(["--avgpool_patchtokens", "true"], "needs --n_last_blocks 1"),
+                         (["--n_last_blocks", "1", "--epochs", "3"], "holds another classifier"),
+                         (["--num_labels", "1000"], "--num_labels 1000, but"),
+                         (["--evaluate", "--output_dir", str(tmp_path / "none")], "no classifier")]:
+        assert cause in user_error(capsys, eval_linear.main, [*flags, *extra])
+
+
+def save_backbone(path, seed):
+    """A training checkpoint of a vit_tiny teacher drawn from ``seed``; returns its path."""
+    torch.manual_seed(seed)
+    weights = build_vit("vit_tiny").state_dict()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in weights.items()}}, path)
+    return str(path)
+
+
+def test_official_layout_launcher_flags_and_the_val_set_messages(tmp_path, capsys):
+    """``--data_path ROOT`` with ROOT/train and ROOT/val, as official; torch.distributed.launch's
+    ``--local-rank=N``; the errors name only the flags eval_linear has."""
+    root = tmp_path / "root"
+    make_folder(root / "train")
+    make_folder(root / "val", per_class=2)
+    out = str(tmp_path / "out")
+    flags = [*TINY, "--epochs", "1", "--cached_features", "--output_dir", out]
+    eval_linear.main([*flags, "--data_path", str(root), "--local-rank=0", "--dist_url", "env://"])
+    assert "12 train / 6 val images, 3 classes" in capsys.readouterr().out
+    eval_linear.main([*flags, "--data_path", str(root), "--local_rank", "0"])
+    for extra, cause in [(["--data_path", str(root / "train")], "give exactly one of "
+                          "--val_path and --val_split"),
+                         (["--data_path", str(root), "--val_split", "0.5"], "leave out "
+                          "--val_path and --val_split,")]:
+        line = user_error(capsys, eval_linear.main, [*flags, *extra])
+        assert cause in line and "--leave_one_out" not in line, line
+
+
+def test_resume_on_another_backbone_is_refused_by_name(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    first = save_backbone(tmp_path / "first.pth", seed=1)
+    other = save_backbone(tmp_path / "other.pth", seed=2)
+    out = tmp_path / "out"
+    flags = [*TINY, "--data_path", data, "--val_split", "0.25", "--cached_features",
+             "--output_dir", str(out)]
+    eval_linear.main([*flags, "--checkpoint", first, "--epochs", "1"])
+    for extra in (["--epochs", "2"], ["--evaluate"]):
+        line = user_error(capsys, eval_linear.main, [*flags, "--checkpoint", other, *extra])
+        assert f"trained on {first} (key teacher)" in line and f"not on {other}" in line, line
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1  # untouched
+    (tmp_path / "moved.pth").write_bytes((tmp_path / "first.pth").read_bytes())
+    eval_linear.main([*flags, "--checkpoint", str(tmp_path / "moved.pth"), "--epochs", "2"])
+    assert "unchecked" not in capsys.readouterr().out  # the same weights, wherever they lie
+
+
+def test_official_checkpoint_without_a_backbone_record_resumes_with_a_note(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    flags = [*TINY, "--data_path", data, "--val_split", "0.25", "--cached_features",
+             "--output_dir", str(tmp_path)]
+    eval_linear.main([*flags, "--epochs", "1"])
+    saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    del saved["backbone"], saved["cached_features"]  # what official eval_linear.py writes
+    torch.save(saved, tmp_path / "checkpoint.pth.tar")
+    capsys.readouterr()
+    eval_linear.main([*flags, "--epochs", "2"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "unchecked" in line]
+    assert len(notes) == 1 and "does not record its backbone" in notes[0], notes
+
+
+def test_resume_with_other_epochs_follows_the_new_cosine_schedule(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    flags = [*TINY, "--data_path", data, "--val_split", "0.25", "--cached_features",
+             "--output_dir", str(tmp_path)]
+    eval_linear.main([*flags, "--epochs", "2"])
+    capsys.readouterr()
+    eval_linear.main([*flags, "--epochs", "5"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--epochs 5" in line]
+    assert len(notes) == 1 and "anneals to 0 at epoch 5" in notes[0], notes
+    logged = [json.loads(line)["train_lr"]
+              for line in (tmp_path / "log.txt").read_text().splitlines()]
+    base = 0.1 * 4 / 256
+    resumed = [base * (1 + math.cos(math.pi * epoch / 5)) / 2 for epoch in (2, 3, 4)]
+    np.testing.assert_allclose(logged[2:], resumed, rtol=1e-9)
+    eval_linear.main([*flags, "--epochs", "3"])
+    assert "nothing left to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch_size_per_gpu", "--val_freq"])
+def test_zero_counts_are_one_line_flag_errors(tmp_path, capsys, flag):
+    line, out = user_error_and_output(capsys, eval_linear.main, [
+        *TINY, "--data_path", str(tmp_path), "--val_split", "0.5", flag, "0"], code=2)
+    assert f"{flag} must be >= 1, got 0" in line and not out
 
 
 def test_cached_features_say_they_are_not_the_official_number(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """What the command-line modules share: the model and map flags with their official aliases,
-the official boolean and ``--arch`` parsing, and loading a model for a command (a failure is a
-one-line :class:`~dino_fast.cli.errors.UserError` naming the file). Commands import this; nothing
-here imports a command."""
+the official boolean and ``--arch`` parsing, the flags a distributed launcher passes, and
+loading a model for a command (a failure is a one-line :class:`~dino_fast.cli.errors.UserError`
+naming the file). Commands import this; nothing here imports a command."""
 import argparse
+import os
 
 import torch
 
@@ -41,6 +42,22 @@ def add_model_args(parser: argparse.ArgumentParser):
                         "student")
 
 
+def add_launcher_args(parser: argparse.ArgumentParser):
+    """``--dist_url`` and ``--local_rank`` (also spelt ``--local-rank``), as the official scripts
+    take them and ``python -m torch.distributed.launch`` passes them (``--local-rank=N``).
+    Accepted and ignored: the rank and the device come from the environment the launcher sets
+    (``RANK``, ``LOCAL_RANK``), as under ``torchrun``."""
+    parser.add_argument("--dist_url", default="env://", help="accepted for compatibility")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="accepted for compatibility (torch.distributed.launch passes it)")
+
+
+def launched_rank() -> int:
+    """This process's global rank as a launcher (``torchrun``, ``torch.distributed.launch``)
+    set it in ``RANK``; 0 when started alone."""
+    return int(os.environ.get("RANK", 0))
+
+
 def add_map_args(parser: argparse.ArgumentParser, default_size: list[int]):
     """``--threshold`` and ``--image_size``, as ``visualize`` and ``infer`` take them."""
     parser.add_argument("--threshold", type=float, default=0.6,
@@ -66,7 +83,10 @@ def load_model(checkpoint, arch, patch_size, key):
     try:
         return build_model(checkpoint, arch, patch_size, key)
     except (KeyError, RuntimeError, TypeError, ValueError, OSError) as err:
-        raise UserError(f"cannot load {checkpoint}: {err}") from err
+        reason = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        if str(checkpoint) not in reason:  # the readers name the file in some messages
+            reason = f"cannot load {checkpoint}: {reason}"
+        raise UserError(reason) from err
 
 
 def resolve_device(name: str) -> str:

@@ -23,6 +23,8 @@ from dino_fast.data.folder import ImageFolderDataset
 # Official eval_knn.py's --dump_features / --load_features files (test = val).
 FEATURE_FILES = {"train": "trainfeat.pth", "train_labels": "trainlabels.pth",
                  "val": "testfeat.pth", "val_labels": "testlabels.pth"}
+# The flags of eval_knn that choose the val set; eval_linear has the first two.
+KNN_SPLIT_FLAGS = ("--val_path", "--val_split", "--leave_one_out")
 
 
 def eval_transform(image_size: int = 224):
@@ -38,13 +40,19 @@ def eval_transform(image_size: int = 224):
 
 def labelled_dataset(root: str, image_size: int = 224) -> ImageFolderDataset:
     """The images under ``root`` with their class-folder labels; a :class:`UserError` if some
-    have none, or if there are fewer than two classes (every vote would be right)."""
+    have none, if a class folder holds no image (official ``ImageFolder`` refuses it too), or if
+    there are fewer than two classes (every vote would be right)."""
     dataset = ImageFolderDataset(root, transform=eval_transform(image_size))
     unlabelled = [path for path, label in dataset.samples if label < 0]
     if not dataset.classes or unlabelled:
         raise UserError(f"{root!r}: evaluation needs every image inside a class sub-folder "
                         f"(root/<class>/<image>); {len(unlabelled)} image(s) have no class, "
                         f"e.g. {unlabelled[:3]}")
+    empty = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
+                   and not entry.name.startswith(".") and entry.name not in dataset.classes)
+    if empty:
+        raise UserError(f"{root!r}: class folder(s) {empty} hold no image; add their images or "
+                        "remove the folders (a class without images cannot be evaluated)")
     if len(dataset.classes) < 2:
         raise UserError(f"{root!r} has {len(dataset.classes)} class folder "
                         f"({dataset.classes[0]!r}): evaluation needs at least two classes")
@@ -195,23 +203,29 @@ def official_layout(root: str) -> bool:
     return all(os.path.isdir(os.path.join(root, split)) for split in ("train", "val"))
 
 
+def _one_of(flags) -> str:
+    """``--a``, ``--a and --b``, ``--a, --b and --c``."""
+    return " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
+
+
 def build_datasets(data_path, val_path=None, val_split=None, image_size=224, seed=0,
-                   leave_one_out=False):
+                   leave_one_out=False, split_flags=KNN_SPLIT_FLAGS):
     """Train and val ``ImageFolderDataset``s: ``data_path/train`` and ``data_path/val`` (the
     official layout, see :func:`official_layout`), two folders, or one split per class; with
-    ``leave_one_out``, the whole folder and no val set (None)."""
+    ``leave_one_out``, the whole folder and no val set (None). ``split_flags``: the command's
+    flags that choose the val set, as its errors name them."""
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path {data_path!r} does not exist or is not a folder")
     choices = leave_one_out + (val_path is not None) + (val_split is not None)
     if official_layout(data_path):
         if choices:
             raise UserError(f"{data_path!r} holds train/ and val/ (the official layout), which "
-                            "are used as they are: leave out --val_path, --val_split and "
-                            "--leave_one_out, or give --data_path its train folder")
+                            f"are used as they are: leave out {_one_of(split_flags)}, or give "
+                            "--data_path its train folder")
         data_path, val_path = (os.path.join(data_path, split) for split in ("train", "val"))
     elif choices != 1:
         raise UserError(f"{data_path!r} has no train/ and val/ folders (the official layout): "
-                        "give exactly one of --val_path, --val_split and --leave_one_out")
+                        f"give exactly one of {_one_of(split_flags)}")
     train_set = labelled_dataset(data_path, image_size)
     if leave_one_out:
         if len(train_set) < 2:
@@ -220,9 +234,18 @@ def build_datasets(data_path, val_path=None, val_split=None, image_size=224, see
     if val_path is not None:
         val_set = labelled_dataset(val_path, image_size)
         if val_set.classes != train_set.classes:
-            raise UserError(f"train classes {train_set.classes} and val classes "
-                             f"{val_set.classes} differ")
+            raise UserError(_classes_differ(data_path, train_set.classes, val_path,
+                                            val_set.classes))
         return train_set, val_set
     val_set = labelled_dataset(data_path, image_size)
     train_set.samples, val_set.samples = split_samples(train_set.samples, val_split, seed)
     return train_set, val_set
+
+
+def _classes_differ(train_path, train_classes, val_path, val_classes) -> str:
+    """The error of a val folder whose class folders are not the train folder's."""
+    only_val = sorted(set(val_classes) - set(train_classes))
+    only_train = sorted(set(train_classes) - set(val_classes))
+    return (f"the class folders of val {val_path!r} and train {train_path!r} differ (labels are "
+            f"class indices, so both need the same classes): only in val: {only_val or 'none'}, "
+            f"only in train: {only_train or 'none'}")

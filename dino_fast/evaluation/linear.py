@@ -7,7 +7,15 @@ tokens averaged, interleaved with its CLS token as the official reshape does (th
 official linear weights). Official settings: n = 4 without pooling for ViT-S (and tiny), n = 1 with
 pooling for ViT-B. A linear layer (weights N(0, 0.01), bias 0) is trained with cross-entropy by SGD
 (momentum 0.9, no weight decay) at ``lr * global batch / 256``, cosine-annealed to 0 per epoch.
+
+The saved classifier records the backbone it was trained on (:func:`backbone_record`: a name and
+a SHA-256 of the backbone's weights), so that a resume or ``--evaluate`` on another backbone is
+refused instead of mixing two backbones' features in one classifier.
 """
+import hashlib
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,27 +154,71 @@ def extract_features(featurize, dataset, batch_size: int, num_workers: int, devi
     return torch.utils.data.TensorDataset(torch.cat(features), torch.cat(labels))
 
 
+def state_fingerprint(state_dict: dict) -> str:
+    """SHA-256 (hex) of the names, dtypes, shapes and bytes of a state dict's tensors: the same
+    weights give the same digest wherever the file lies and whatever its date."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def backbone_record(model: nn.Module, name: str) -> dict:
+    """What identifies the backbone a classifier is trained on, saved with it: ``name`` (the
+    checkpoint and the network in it, for the messages) and the weights' fingerprint."""
+    return {"name": name, "sha256": state_fingerprint(model.state_dict())}
+
+
+def check_backbone(path: str, saved: dict | None, current: dict) -> str | None:
+    """Refuse (``ValueError`` naming both) the classifier at ``path`` when it was trained on
+    another backbone than ``current``; a note when ``path`` records none (official files)."""
+    if saved is None:
+        return (f"note: {path} does not record its backbone (an official or older file); "
+                f"using it with {current['name']} unchecked")
+    if saved["sha256"] != current["sha256"]:
+        raise ValueError(f"{path} holds a classifier trained on {saved['name']} (weights "
+                         f"{saved['sha256'][:12]}), not on {current['name']} (weights "
+                         f"{current['sha256'][:12]}): evaluate that backbone, or give this one "
+                         "another --output_dir")
+    return None
+
+
 def save_state(path: str, classifier, optimizer, scheduler, epoch: int, best_acc: float,
-               cached_features: bool):
+               cached_features: bool, backbone: dict | None = None):
     """Write the official ``checkpoint.pth.tar`` (``epoch`` = the next epoch, ``state_dict`` with
     DistributedDataParallel's ``module.`` names, ``optimizer``, ``scheduler``, ``best_acc``), plus
-    ours: whether the classifier was trained on cached features. Atomic (temporary file, rename)."""
+    ours: whether the classifier was trained on cached features, and ``backbone``
+    (:func:`backbone_record`). Atomic (temporary file, rename)."""
     state = {f"module.{k}": v for k, v in classifier.state_dict().items()}
     save_atomic({"epoch": epoch, "state_dict": state, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                 "cached_features": cached_features}, path)
+                 "cached_features": cached_features, "backbone": backbone}, path)
+
+
+@dataclass
+class Restored:
+    """What :func:`restore_state` read besides the weights."""
+
+    epoch: int  # the next epoch
+    best_acc: float
+    saved_epochs: int | None  # the --epochs of the saved cosine schedule (None: no scheduler)
+    note: str | None  # one line to print, or None
 
 
 def restore_state(path: str, classifier, optimizer=None, scheduler=None,
-                  cached_features: bool | None = None) -> tuple[int, float]:
+                  cached_features: bool | None = None, backbone: dict | None = None) -> Restored:
     """Load :func:`save_state`'s file (or the official one) into ``classifier`` and, when given,
-    ``optimizer`` and ``scheduler``; returns ``(next epoch, best top-1)``. A classifier of another
-    shape, or trained in the other feature mode, is an error that says so."""
+    ``optimizer`` and ``scheduler``. A classifier of another shape, trained in the other feature
+    mode, or (with ``backbone``) on another backbone, is an error that says so."""
     checkpoint = load_file(path)
     saved_mode = checkpoint.get("cached_features")
     if cached_features is not None and saved_mode is not None and saved_mode != cached_features:
         raise ValueError(f"{path} was trained {'with' if saved_mode else 'without'} "
                          "--cached_features; resume it the same way or use another --output_dir")
+    note = None if backbone is None else check_backbone(path, checkpoint.get("backbone"),
+                                                         backbone)
     state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     try:
         classifier.load_state_dict(state)
@@ -177,4 +229,16 @@ def restore_state(path: str, classifier, optimizer=None, scheduler=None,
         optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
-    return int(checkpoint["epoch"]), float(checkpoint["best_acc"])
+    saved_epochs = checkpoint.get("scheduler", {}).get("T_max")
+    return Restored(int(checkpoint["epoch"]), float(checkpoint["best_acc"]), saved_epochs, note)
+
+
+def stretch_schedule(optimizer, scheduler, epochs: int) -> float:
+    """Move a restored per-epoch cosine schedule onto the one of ``epochs`` epochs, at the epoch
+    it is at: from there the lr is what a run started with ``--epochs epochs`` would have.
+    Returns the lr of the next epoch."""
+    scheduler.T_max = epochs
+    progress = min(scheduler.last_epoch, epochs) / epochs
+    for group in optimizer.param_groups:  # the closed form, eta_min 0; steps recur from it
+        group["lr"] = group["initial_lr"] * (1 + math.cos(math.pi * progress)) / 2
+    return optimizer.param_groups[0]["lr"]

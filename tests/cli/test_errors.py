@@ -95,11 +95,11 @@ def test_every_command_reports_user_errors_in_one_line(tmp_path):
         ("dino_fast.eval_knn", ["--data_path", os.path.dirname(one_class), "--leave_one_out",
                                 "--device", "cpu"], "at least two classes", 1),
         ("dino_fast.visualize", ["--checkpoint", str(garbage), "--image_path", good],
-         "cannot load", 1),
+         "garbage.pth: not a PyTorch checkpoint: looks like text", 1),
     ]
     if importlib.util.find_spec("onnxruntime"):
         cases += [("dino_fast.export", ["--checkpoint", str(garbage), "--output",
-                                        str(tmp_path / "m.onnx")], "cannot load", 1),
+                                        str(tmp_path / "m.onnx")], "not a PyTorch checkpoint", 1),
                   ("dino_fast.infer", ["--model", str(tmp_path / "m.onnx"), "--images", good],
                    "model not found", 1)]
     done = subprocess.run(
