@@ -6,6 +6,7 @@ come last. Without ``--data_path`` it trains on the small set of photos bundled 
 Run under ``torchrun`` to train on several processes (DistributedDataParallel).
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dino_fast.cli.args import bool_flag, official_arch, resolve_device
+from dino_fast.cli.args import add_launcher_args, bool_flag, official_arch, resolve_device
 from dino_fast.cli.errors import UserError, add_debug_flag, command
 from dino_fast.cli.flags import check_train_args
-from dino_fast.cli.progress import Progress
+from dino_fast.cli.progress import Progress, duration, say
 from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
@@ -31,6 +32,7 @@ from dino_fast.training.ema import TeacherEMA
 from dino_fast.training.loss import DINOLoss
 from dino_fast.training.optim import build_optimizer, get_params_groups
 from dino_fast.training.resume import check_output_dir, resume, start_position
+from dino_fast.training.run_lock import RunLock
 from dino_fast.training.schedules import cosine_scheduler
 from dino_fast.training.signals import StopRequest
 from dino_fast.training.step import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
@@ -78,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saveckp_freq", default=20, type=int)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_workers", default=10, type=int, help="capped at the CPU count")
-    p.add_argument("--dist_url", default="env://", type=str, help="accepted for compatibility")
-    p.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                   help="accepted for compatibility (torch.distributed.launch passes it)")
+    add_launcher_args(p)
     # dino_fast
     p.add_argument("--compile", action="store_true", help="torch.compile the forward and loss")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
@@ -165,16 +165,37 @@ def checkpoint_on_every_rank(path, device) -> bool:
     return exists
 
 
+def lock_output_dir(output_dir: str, device):
+    """Rank 0 checks that ``output_dir`` can be written and takes its :class:`RunLock` (a run
+    already training there is refused) before anything is read or written there; when it
+    cannot, every rank stops alike. The lock, a null context on the other ranks."""
+    lock, refusal = contextlib.nullcontext(), None
+    if dist_utils.is_main_process():
+        try:
+            check_output_dir(output_dir)
+            lock = RunLock(output_dir).acquire()
+        except UserError as err:
+            refusal = err
+    if dist_utils.any_process(refusal is not None, device):
+        raise refusal or UserError(f"rank 0 cannot train in --output_dir {output_dir}; its "
+                                   "error line says why")
+    return lock
+
+
 def train(args) -> dict:
-    """Train as ``args`` say; return the last epoch's log entry."""
+    """Train as ``args`` say, holding ``--output_dir``'s lock; return the last epoch's log
+    entry."""
     check_train_args(args)  # every flag in range before anything starts
     resolve_device_and_precision(args)
     device = dist_utils.init_distributed(args.device)
-    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     seed_everything(args.seed)  # the same initial weights on every rank
-    if dist_utils.is_main_process():
-        check_output_dir(args.output_dir)  # created once training starts
+    with lock_output_dir(args.output_dir, device):  # removed at exit, error and signal too
+        return train_in_output_dir(args, device)
 
+
+def train_in_output_dir(args, device) -> dict:
+    """The body of :func:`train`, once ``--output_dir`` is this run's."""
+    started, rank, world = time.perf_counter(), dist_utils.get_rank(), dist_utils.get_world_size()
     loader = build_loader(
         kind=args.loader, data_path=args.data_path, batch_size=args.batch_size_per_gpu,
         num_workers=min(args.num_workers, os.cpu_count() or 1),
@@ -211,15 +232,13 @@ def train(args) -> dict:
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     if checkpoint_on_every_rank(ckpt_path, device):
         start_epoch, start_step = start_position(
-            *resume(ckpt_path, args, student_module, teacher, optimizer, dino_loss, step.scaler),
-            iters_per_epoch)
+            *resume(ckpt_path, args, world, student_module, teacher, optimizer, dino_loss,
+                    step.scaler), iters_per_epoch)
         if start_epoch >= args.epochs:
             log(f"training has finished: {ckpt_path} holds all {args.epochs} epochs (raise "
                 "--epochs to train longer)")
             return {}
         log(f"resuming from {ckpt_path} at epoch {start_epoch}, step {start_step}")
-    if dist_utils.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
     monitor = build_monitor(args, device)  # checks the k-NN folders; TensorBoard writes there
     if start_epoch or start_step:
         monitor.resumed(start_epoch)  # the collapse rule's history, from log.txt
@@ -242,7 +261,8 @@ def train(args) -> dict:
             save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "epoch": epoch + 1 if finished else epoch, "args": dict(vars(args)),
-                         "dino_loss": dino_loss.state_dict(), "iteration": 0 if finished else done}
+                         "dino_loss": dino_loss.state_dict(), "iteration": 0 if finished else done,
+                         "world_size": world}
             if step.scaler is not None:
                 save_dict["fp16_scaler"] = step.scaler.state_dict()
             if dist_utils.is_main_process():
@@ -260,27 +280,44 @@ def train(args) -> dict:
             if monitor.should_stop:
                 log(f"stopped by --stop_on_collapse after epoch {epoch}; {ckpt_path} written")
                 break
-    monitor.close()
+        else:
+            log(f"training finished: all {args.epochs} epochs done ({start_epoch}.."
+                f"{args.epochs - 1} in this run, {duration(time.perf_counter() - started)}); "
+                f"checkpoint: {ckpt_path}")
+        monitor.close()
     return stats
 
 
 def save_and_log(save_dict, stats, epoch, finished, args) -> dict:
-    """Write ``checkpoint.pth``; after a whole epoch also the periodic copy and the ``log.txt``
-    line, which is returned (written even when a checkpoint write fails, e.g. on a full disk)."""
+    """Write ``checkpoint.pth``; after a whole epoch also the ``log.txt`` line, which is
+    returned, and the periodic copy. The line goes with its checkpoint: it is written once the
+    checkpoint is, or when it could not be (a full disk: the epoch's numbers are kept), never
+    after a second stop signal abandoned the write."""
     try:
         save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-        if finished and args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    finally:
+    except WriteError:
         if finished:
-            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
-            log_path = os.path.join(args.output_dir, "log.txt")
-            try:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-            except OSError as err:
-                raise WriteError(err.errno, err.strerror, log_path) from err
+            append_log_line(stats, epoch, args.output_dir)
+        raise
+    if not finished:
+        return stats
+    stats = append_log_line(stats, epoch, args.output_dir)
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
     return stats
+
+
+def append_log_line(stats: dict, epoch: int, output_dir: str) -> dict:
+    """Append epoch ``epoch``'s line to ``log.txt`` (the ``train_``-prefixed ``stats``) and
+    return it; a failed write raises :class:`WriteError` naming the file."""
+    entry = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+    log_path = os.path.join(output_dir, "log.txt")
+    try:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as err:
+        raise WriteError(err.errno, err.strerror, log_path) from err
+    return entry
 
 
 def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd_schedule,
@@ -326,9 +363,10 @@ def train_one_epoch(step, loader, epoch, first, iters_per_epoch, lr_schedule, wd
 
 
 def log(message: str):
-    """Print on the main process only."""
+    """Print on the main process only (:func:`say`: a console that went away is not an
+    error)."""
     if dist_utils.is_main_process():
-        print(message, flush=True)
+        say(message)
 
 
 @command
@@ -341,11 +379,11 @@ def main(argv=None):
         all_ranks_done = True
     except NonFiniteLossError as err:
         all_ranks_done = True  # the loss is averaged over ranks: all stop at the same step
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", sys.stderr)
         sys.exit(1)
     except WriteError as err:  # only rank 0 writes
-        print(f"error: cannot write {err.filename} (the file there before, if any, is "
-              f"intact): {err.strerror}", file=sys.stderr)
+        say(f"error: cannot write {err.filename} (the file there before, if any, is "
+            f"intact): {err.strerror}", sys.stderr)
         sys.exit(1)
     finally:
         dist_utils.cleanup(all_ranks_done)

@@ -1,17 +1,46 @@
 """Progress on stderr (training epochs, feature extraction): a live bar on a terminal, plain
-lines everywhere else.
+lines everywhere else; and :func:`say`, the console lines of a long run.
 
 Logs, CI and Slurm capture stderr to a file, where a bar's carriage-return frames pile up into
 one unreadable line. There the progress is one line per ``interval`` seconds or per tenth of the
 work, whichever comes first, and one at the end.
+
+A console can go away while training runs: Ctrl-C on ``train ... | tee log`` ends ``tee`` too,
+and every later write to the pipe raises ``BrokenPipeError`` (Python ignores SIGPIPE). A message
+nobody can read must not end the run before it writes its checkpoint, so :func:`say` sends such a
+stream to ``/dev/null`` and goes on.
 """
+import os
 import sys
 import time
 
 from tqdm import tqdm
 
 
-def _duration(seconds: float) -> str:
+def say(message: str, stream=None):
+    """Print ``message`` to ``stream`` (stdout by default) and flush it; when the stream's
+    reader has gone (``BrokenPipeError``) the stream is sent to ``/dev/null`` from then on."""
+    stream = stream or sys.stdout
+    try:
+        print(message, file=stream, flush=True)
+    except BrokenPipeError:
+        _discard(stream)
+
+
+def _discard(stream):
+    """Point ``stream``'s file descriptor at ``/dev/null``: what is still buffered there, and
+    all later output, is dropped without an error (at exit too)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream: nothing to point
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as ``1h02m03s`` or ``2m03s``."""
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02}m{seconds:02}s" if hours else f"{minutes}m{seconds:02}s"
@@ -55,8 +84,8 @@ class Progress:
     def _write_line(self):
         percent = 100 * self.position // max(self.total, 1)
         shown = "".join(f"{key} {value}, " for key, value in self.values.items())
-        print(f"{self.desc}: step {self.position}/{self.total} ({percent}%), {shown}"
-              f"{_duration(time.monotonic() - self.start)}", file=self.stream, flush=True)
+        say(f"{self.desc}: step {self.position}/{self.total} ({percent}%), {shown}"
+            f"{duration(time.monotonic() - self.start)}", self.stream)
         self.last_time, self.last_position = time.monotonic(), self.position
 
     def close(self):

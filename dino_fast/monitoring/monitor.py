@@ -7,16 +7,20 @@ of the latest step, called at the training loop's periodic checks), at the end o
 every process
 (:meth:`end_epoch`: one all-reduce, the k-NN on rank 0, the collapse rule) and after rank 0 wrote
 ``log.txt`` (:meth:`after_log`: TensorBoard and ``curves.png``). TensorBoard and matplotlib are
-optional: without them a line says so once and training goes on.
+optional: without them a line says so once and training goes on. A warning raised by this
+per-epoch work (the k-NN's DataLoader, every epoch) is shown the first time only.
 """
 import argparse
+import contextlib
 import math
 import os
 import time
+import warnings
 
 import torch
 
 from dino_fast.cli.errors import UserError
+from dino_fast.cli.progress import say
 from dino_fast.monitoring.health import CollapseDetector, epoch_health, log_record
 from dino_fast.training import distributed as dist_utils
 
@@ -104,6 +108,7 @@ class TrainingMonitor:
         self.draw_curves = self.main and args.curves
         self.should_stop = False
         self._epoch_start, self._train_seconds = time.perf_counter(), 0.0
+        self._warned: set = set()  # the warnings shown, for shown_once
 
     def start_epoch(self):
         """Reset the meter and the clock."""
@@ -128,13 +133,15 @@ class TrainingMonitor:
         device = self.meter.total.device
         record = epoch_health(means, self.out_dim)
         if self.knn is not None and ((epoch + 1) % self.knn_every == 0 or last_epoch):
-            top1 = self.knn(teacher_backbone) if self.main else None
+            with shown_once(self._warned):
+                top1 = self.knn(teacher_backbone) if self.main else None
             if top1 is not None:
                 record["knn_top1"] = top1
+                say(f"epoch {epoch}: teacher k-NN top-1 {top1:.2f}%")
         message = self.detector.update(epoch, record)
         if message and self.main:
-            print(message + ("" if self.stop_on_collapse else
-                             " Training goes on (--stop_on_collapse would stop it)."), flush=True)
+            say(message + ("" if self.stop_on_collapse else
+                           " Training goes on (--stop_on_collapse would stop it)."))
         if self.stop_on_collapse:  # every process stops at the same epoch
             self.should_stop = dist_utils.any_process(message is not None, device)
         return record
@@ -157,6 +164,10 @@ class TrainingMonitor:
         """Rank 0, after the ``log.txt`` line: TensorBoard scalars and ``curves.png``."""
         if not self.main:
             return
+        with shown_once(self._warned):
+            self._write_epoch(entry, epoch, extra_scalars)
+
+    def _write_epoch(self, entry: dict, epoch: int, extra_scalars: dict):
         if self.writer is not None:
             scalars = {**{k: v for k, v in entry.items() if k != "epoch"}, **extra_scalars}
             if "images" in scalars:
@@ -175,14 +186,30 @@ class TrainingMonitor:
             self.writer.close()
 
 
+@contextlib.contextmanager
+def shown_once(seen: set):
+    """Show the warnings raised inside whose text and category are not in ``seen`` (then added),
+    and drop the others. Python's own "show once" forgets what it showed whenever the warning
+    filters change (matplotlib changes them when drawing), so a warning of work redone every
+    epoch, such as the k-NN's DataLoader, would otherwise come back every epoch."""
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force still apply
+        yield
+    for warning in caught:
+        key = (str(warning.message), warning.category)
+        if key not in seen:
+            seen.add(key)
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+
+
 def open_tensorboard(output_dir: str):
     """A ``SummaryWriter`` on ``output_dir`` (event files there), or None with one line when
     TensorBoard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("--tensorboard: TensorBoard is not installed (pip install 'dino-fast[monitor]'); "
-              "no event files are written", flush=True)
+        say("--tensorboard: TensorBoard is not installed (pip install 'dino-fast[monitor]'); "
+            "no event files are written")
         return None
     return SummaryWriter(log_dir=output_dir)
 
@@ -197,7 +224,7 @@ def redraw_curves(output_dir: str) -> bool:
                      curves.read_log(os.path.join(output_dir, "log.txt"))},
                     os.path.join(output_dir, "curves.png"))
     except ImportError:
-        print("matplotlib is not installed: curves.png is not drawn (pip install "
-              "'dino-fast[monitor]')", flush=True)
+        say("matplotlib is not installed: curves.png is not drawn (pip install "
+            "'dino-fast[monitor]')")
         return False
     return True

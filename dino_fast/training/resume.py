@@ -6,6 +6,13 @@ different model or optimizer (``--arch``, ``--patch_size``, ``--out_dim``, ``--o
 ``--use_bn_in_head``, ``--norm_last_layer``), whose state would otherwise fail to load or fail at
 the first step. The output folder is checked for writing before the first step too, without
 creating it: a run that never starts leaves nothing behind.
+
+A checkpoint written inside an epoch (``iteration`` > 0, after a stop signal) goes on at the exact
+image it reached, even with another ``--batch_size_per_gpu`` or number of processes: each global
+batch is the next slice of the epoch's one permutation of the data set
+(:class:`dino_fast.data.sampling.EpochPlan`), so the images done are a prefix of it whatever the
+batch. A prefix that is not a whole number of this run's global batches is refused, naming the
+settings, rather than training an image twice or skipping one.
 """
 import glob
 import os
@@ -98,11 +105,35 @@ def _read(path: str) -> dict:
         raise UserError(f"refusing to resume: {err}; {way_out}") from err
 
 
-def resume(path, args, student, teacher, optimizer, dino_loss, scaler) -> tuple[int, int]:
+def mid_epoch_step(path: str, ckpt: dict, batch_size: int, world_size: int) -> int:
+    """The step of this run (``batch_size`` per process, ``world_size`` processes) at which the
+    checkpoint's epoch goes on: its ``iteration`` steps, counted in images. Raise
+    :class:`UserError` naming both settings when that is not a whole number of this run's
+    steps. Checkpoints without ``world_size`` (written before it was saved) are taken to have
+    this run's."""
+    done = int(ckpt.get("iteration", 0))
+    saved_batch = saved_args(ckpt).get("batch_size_per_gpu", batch_size)
+    saved_world = int(ckpt.get("world_size", world_size))
+    images = done * saved_batch * saved_world
+    step, rest = divmod(images, batch_size * world_size)
+    if rest:
+        raise UserError(
+            f"cannot resume {path} inside epoch {ckpt['epoch']}: it stopped after {images} "
+            f"images of that epoch ({done} steps of --batch_size_per_gpu {saved_batch} x "
+            f"{saved_world} process(es)), not a whole number of this run's steps of "
+            f"{batch_size} x {world_size}: resume with --batch_size_per_gpu {saved_batch} on "
+            f"{saved_world} process(es), or a global batch that divides {images}")
+    return step
+
+
+def resume(path, args, world_size, student, teacher, optimizer, dino_loss,
+           scaler) -> tuple[int, int]:
     """Restore the training state from ``path``; return the epoch and the step in it to start
-    from (the step is non-zero after a signal stopped training mid-epoch)."""
+    from (non-zero after a signal stopped training mid-epoch: :func:`mid_epoch_step` for this
+    run's ``--batch_size_per_gpu`` and ``world_size``)."""
     ckpt = _read(path)
     check_compatible(path, ckpt, args)
+    step = mid_epoch_step(path, ckpt, args.batch_size_per_gpu, world_size)
     try:
         student.load_state_dict(normalize_keys(ckpt["student"]))
         teacher.load_state_dict(normalize_keys(ckpt["teacher"]))
@@ -114,7 +145,7 @@ def resume(path, args, student, teacher, optimizer, dino_loss, scaler) -> tuple[
                         f"--out_dim, --patch_size or --optimizer?): {err}") from err
     if scaler is not None and "fp16_scaler" in ckpt:
         scaler.load_state_dict(ckpt["fp16_scaler"])
-    return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+    return int(ckpt["epoch"]), step
 
 
 def start_position(epoch: int, step: int, steps_per_epoch: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+from dino_fast.cli.progress import say
 from dino_fast.training import distributed as dist_utils
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -68,11 +69,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested:
+            say(f"\n{name} received again: stopping at once (a checkpoint being written is "
+                "abandoned; the last complete one is intact)", sys.stderr)
             raise SystemExit(128 + signum)
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing the current step, then "
-              "writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+        say(f"\n{name} received: finishing the current step, then writing a checkpoint (send "
+            "it again to stop at once)", sys.stderr)
         if self._waiting:
             self._start_grace()
 
@@ -84,8 +88,8 @@ class StopRequest:
 
     def _wait_over(self, signum, frame):
         if self._waiting:
-            print(f"no batch arrived within {WAIT_GRACE_S:g} s of the stop signal (a read that "
-                  "never returns?): stopping before the next step", file=sys.stderr, flush=True)
+            say(f"no batch arrived within {WAIT_GRACE_S:g} s of the stop signal (a read that "
+                "never returns?): stopping before the next step", sys.stderr)
             raise StopTraining
 
     @contextlib.contextmanager
@@ -145,10 +149,9 @@ class StopRequest:
     def _abandon_stuck_wait(self, wait_id: int, signum: int):
         """End the process if the main thread is still in the wait for data ``wait_id``."""
         if self._waiting and self._wait_id == wait_id:
-            print(f"no batch arrived within {2 * WAIT_GRACE_S:g} s of the stop signal and the "
-                  "loader cannot be interrupted (a read that never returns?): exiting without "
-                  "a new checkpoint; the last one written is intact, resume from it",
-                  file=sys.stderr, flush=True)
+            say(f"no batch arrived within {2 * WAIT_GRACE_S:g} s of the stop signal and the "
+                "loader cannot be interrupted (a read that never returns?): exiting without "
+                "a new checkpoint; the last one written is intact, resume from it", sys.stderr)
             os._exit(128 + signum)
 
     def agreed(self, device) -> bool:

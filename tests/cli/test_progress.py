@@ -1,8 +1,10 @@
 """Training progress: a live bar on a terminal; plain lines (no carriage returns) at a modest
-interval when stderr is a file or a pipe (logs, CI, Slurm)."""
+interval when stderr is a file or a pipe (logs, CI, Slurm); console lines that outlive a pipe
+whose reader has gone."""
 import io
+import os
 
-from dino_fast.cli.progress import Progress, track
+from dino_fast.cli.progress import Progress, say, track
 
 
 class Terminal(io.StringIO):
@@ -43,3 +45,15 @@ def test_track_yields_everything_with_plain_lines(capsys):
     assert list(track(range(20), "features")) == list(range(20))
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "features: step 2/20 (10%), 0m00s" and len(lines) == 10
+
+
+def test_a_pipe_without_reader_is_dropped_not_raised():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| tee log` after Ctrl-C ended tee
+    with open(write_end, "w") as stream:
+        say("first line", stream)  # BrokenPipeError inside: the stream now goes to /dev/null
+        say("second line", stream)
+        progress = Progress(3, "epoch 1/1", stream=stream, interval=0.0)  # its lines too
+        for _ in range(3):
+            progress.update()
+        progress.close()

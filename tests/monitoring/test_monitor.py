@@ -32,16 +32,16 @@ def labelled_folder(root):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same tiny run without and with the online k-NN (every epoch), TensorBoard and
-    curves; the progress bar output of the second."""
+    curves; the console output of the second (stdout and the progress bar's stderr)."""
     root = tmp_path_factory.mktemp("monitor")
     train_dir, val_dir = labelled_folder(root)
     plain, watched = root / "plain", root / "watched"
     run_in_process(*RUN, "--data_path", train_dir, "--output_dir", plain)
-    err_path = root / "stderr.txt"
-    with open(err_path, "w") as err, contextlib.redirect_stderr(err):  # the progress bar
+    console = root / "console.txt"
+    with open(console, "w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
         run_in_process(*RUN, "--data_path", train_dir, "--output_dir", watched,
                        "--knn_every", 1, "--val_path", val_dir, "--tensorboard", "--curves")
-    return plain, watched, err_path.read_text()
+    return plain, watched, console.read_text()
 
 
 def read_log(folder):
@@ -74,6 +74,13 @@ def test_online_knn_is_logged_and_leaves_the_weights_bit_identical(runs):
     assert_same_state(load(watched / "checkpoint.pth"), load(plain / "checkpoint.pth"), atol=0)
     for a, b in zip(read_log(plain), entries):  # the same losses and health too
         assert {k: v for k, v in b.items() if k != "train_knn_top1"} == a
+
+
+def test_online_knn_is_shown_on_the_console(runs):
+    _, watched, console = runs
+    for entry in read_log(watched):
+        assert f"epoch {entry['epoch']}: teacher k-NN top-1 {entry['train_knn_top1']:.2f}%" \
+            in console, console
 
 
 def test_tensorboard_event_files(runs):
@@ -186,7 +193,7 @@ def test_collapse_history_survives_a_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(monitor, "CollapseDetector",
                         lambda out_dim, start_epoch: CollapseDetector(out_dim, always))
     run_in_process(*RUN, "--output_dir", tmp_path)  # epochs 0 and 1
-    assert "collapse" not in capsys.readouterr().out
+    assert "collapse at epoch" not in capsys.readouterr().out  # (the folder's name has one)
     run_in_process(*RUN[:-1], 3, "--output_dir", tmp_path)  # resumes at epoch 2
     out = capsys.readouterr().out
     assert "resuming from" in out and "WARNING: uniform collapse at epoch 2" in out

@@ -1,11 +1,13 @@
 """Fault tolerance of ``python -m dino_fast.train``: killed (SIGKILL during a checkpoint write and
 at a random point), stopped (SIGTERM) and restarted with the same command, it ends with exactly
 the weights of a run that was never interrupted; a non-finite loss stops training with a report
-and leaves the last checkpoint as it was.
+and leaves the last checkpoint as it was; two signals during a checkpoint write leave no log line
+without its checkpoint and no traceback; a console pipe whose reader died loses no checkpoint.
 
 One run is 2 epochs of 2 steps (8 images, batch 4) of vit_tiny on 32/16 px crops with
 drop-path on, so the resumed runs must also replay the random draws (CPU, deterministic).
 """
+import json
 import os
 import random
 import signal
@@ -81,7 +83,7 @@ def test_killed_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
 
     # 2. SIGTERM before the first step ends: that step is finished, checkpointed mid-epoch.
     proc = start(cmd, tmp_path / "run2.log")
-    wait_for_line(proc, "training vit_tiny")
+    assert "taking it over" in wait_for_line(proc, "training vit_tiny")  # run 1's lock: SIGKILL
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, (tmp_path / "run2.log").read_text()[-2000:]
@@ -89,6 +91,7 @@ def test_killed_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
     ckpt = load(out / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == next_position(1, 0) == (1, 1)
     assert not (out / "checkpoint.pth.tmp").exists()  # overwritten by the next write, renamed
+    assert not (out / "train.lock").exists()  # removed on the way out after a signal
 
     # 3. SIGKILL at a random moment (printed for a replay), then 4. run to the end.
     delay = random.Random().uniform(0.0, 3.0)
@@ -246,3 +249,63 @@ def test_read_blocked_in_native_code_still_ends_on_sigterm(tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "the loader cannot be interrupted" in (tmp_path / "run.log").read_text()
+
+
+# Both signals arrive during the first checkpoint write (that of epoch 0): the second abandons
+# it at once, so neither that checkpoint nor the epoch's log line may be left behind.
+SIGNALLED_DURING_WRITE_RUN = """
+import os, signal, sys
+import torch
+from dino_fast.train import main
+
+real_save = torch.save
+
+class SignalledFile:
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes in (2, 3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+torch.save = lambda obj, f, *args, **kwargs: real_save(obj, SignalledFile(f), *args, **kwargs)
+main(sys.argv[1:])
+"""
+
+
+def test_two_signals_during_the_first_checkpoint_write_leave_a_consistent_folder(tmp_path):
+    data = make_images(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 2,
+                        "--output_dir", out)
+    signalled = [*cmd[:1], "-c", SIGNALLED_DURING_WRITE_RUN, *cmd[3:]]
+    done = run(signalled)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "received again: stopping at once" in done.stderr
+    assert not out.exists()  # no checkpoint, no log line without it, no .tmp, no lock
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [json.loads(line)["epoch"] for line in open(out / "log.txt")] == [0, 1]
+
+
+def test_sigint_with_the_console_pipe_closed_still_checkpoints(tmp_path):
+    # As Ctrl-C on `train ... 2>&1 | tee log`: tee dies of it, so stdout and stderr are a pipe
+    # without a reader, and every later write raises BrokenPipeError.
+    data = make_images(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    cmd = train_command("--data_path", data, "--batch_size_per_gpu", 4, "--epochs", 50,
+                        "--output_dir", out)
+    proc = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_line(proc, "training vit_tiny")
+    proc.stdout.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    ckpt = load(out / "checkpoint.pth")
+    assert 0 < ckpt["epoch"] * STEPS_PER_EPOCH + ckpt["iteration"] < 50 * STEPS_PER_EPOCH
+    assert sorted(os.listdir(out)) in (["checkpoint.pth"], ["checkpoint.pth", "log.txt"])
