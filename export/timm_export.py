@@ -8,8 +8,9 @@ offline with either of::
                       pretrained_cfg_overlay=dict(file="folder/model.safetensors"))
     timm.create_model("local-dir:folder", pretrained=True)    # reads config.json
 
-``model(images)`` is then our CLS embedding. timm has no ``vit_tiny_patch8_224``: that model is
-``vit_tiny_patch16_224`` built with ``patch_size=8`` (in ``model_args``).
+``model(images)`` is then our CLS embedding. timm has no ``vit_tiny_patch8_224`` and no
+``vit_large_patch8_224``: those models are ``vit_tiny_patch16_224`` and ``vit_large_patch16_224``
+built with ``patch_size=8`` (in ``model_args``).
 """
 import json
 import os
@@ -17,11 +18,12 @@ import os
 from dino_fast.export.output import replacing
 from dino_fast.export.parity import check_cls_parity
 from dino_fast.export.safetensors_export import export_safetensors
+from dino_fast.models import ARCH_DEPTHS
 
 TIMM_FILES = ("config.json", "model.safetensors")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TIMM_MODELS = {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch8_224",
-               "vit_base_patch16_224", "vit_base_patch8_224"}
+               "vit_base_patch16_224", "vit_base_patch8_224", "vit_large_patch16_224"}
 
 
 def timm_model(vit, arch: str) -> tuple[str, dict]:
@@ -32,7 +34,7 @@ def timm_model(vit, arch: str) -> tuple[str, dict]:
     model_args = {"num_classes": 0}
     if name not in TIMM_MODELS:
         name, model_args["patch_size"] = f"{arch}_patch16_224", patch
-    if depth != 12:
+    if depth != ARCH_DEPTHS[arch]:
         model_args["depth"] = depth
     return name, model_args
 

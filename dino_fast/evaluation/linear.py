@@ -30,8 +30,9 @@ CHECKPOINT_NAME = "checkpoint.pth.tar"  # as official
 
 
 def default_feature_args(arch: str) -> tuple[int, bool]:
-    """``(n_last_blocks, avgpool_patchtokens)`` of the official evaluation of ``arch``."""
-    return (1, True) if arch == "vit_base" else (4, False)
+    """``(n_last_blocks, avgpool_patchtokens)`` of the official evaluation of ``arch``; the
+    paper gives none for vit_large, which is treated as vit_base (the wide model)."""
+    return (1, True) if arch in ("vit_base", "vit_large") else (4, False)
 
 
 def check_feature_args(n_last_blocks: int, avgpool: bool, depth: int):

@@ -18,9 +18,12 @@ the random draws differ from the unpacked run. The layout (crop counts and token
 static, so the packed pass has no data-dependent branch and no host sync; its device metadata
 (``cu_seqlens``) is built once per layout and device and reused (:func:`packing_for`).
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from dino_fast.models.checkpointing import checkpointed
 from dino_fast.models.multicrop import MultiCropWrapper, _equal_size_runs
 from dino_fast.models.vision_transformer import Attention, Block, drop_path
 from dino_fast.ops import _backend
@@ -95,7 +98,12 @@ def _attention(attn: Attention, x: torch.Tensor, packing: Packing, mode: str) ->
 
 
 def _block(blk: Block, x: torch.Tensor, packing: Packing, mode: str) -> torch.Tensor:
-    """``Block.forward`` on packed tokens ``[total, dim]``."""
+    """``Block.forward`` on packed tokens ``[total, dim]``, checkpointed as the block says."""
+    return checkpointed(blk.activation_checkpointing,
+                        partial(_block_forward, blk, packing=packing, mode=mode), x)
+
+
+def _block_forward(blk: Block, x: torch.Tensor, packing: Packing, mode: str) -> torch.Tensor:
     drop_prob = getattr(blk.drop_path, "drop_prob", 0.0)
     y = _attention(blk.attn, blk.norm1(x), packing, mode)
     x = x + packing.drop_path(y, drop_prob, blk.training)

@@ -13,10 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dino_fast.cli.errors import MissingDependencyError
+from dino_fast.models.checkpointing import checkpointed
 from dino_fast.ops import attention as attention_op
 
 ATTN_BACKENDS = ("eager", "sdpa", "triton", "xformers")
-ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # (dim, heads)
+ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12),
+             "vit_large": (1024, 16)}  # (dim, heads)
+ARCH_DEPTHS = {"vit_tiny": 12, "vit_small": 12, "vit_base": 12, "vit_large": 24}
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -111,11 +114,15 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.activation_checkpointing = "none"  # see models/checkpointing.py
 
     def forward(self, x, return_attention=False):
         """The block's output tokens, or only its attention ``[B, heads, N, N]`` (as official)."""
         if return_attention:
             return self.attn(self.norm1(x), return_attention=True)[1]
+        return checkpointed(self.activation_checkpointing, self._forward, x)
+
+    def _forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -159,7 +166,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth
+        # Stochastic depth per block; on the host, so that the model builds on any device.
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                   qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
@@ -259,32 +267,39 @@ def _init_weights(m):
         nn.init.constant_(m.weight, 1.0)
 
 
-def _vit(embed_dim, num_heads, patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=12,
+def _vit(arch, patch_size=16, **kwargs):
+    embed_dim, num_heads = ARCH_DIMS[arch]
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=ARCH_DEPTHS[arch],
                              num_heads=num_heads, mlp_ratio=4, qkv_bias=True,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
 def vit_tiny(patch_size=16, **kwargs):
     """ViT-Tiny: dim 192, 3 heads, depth 12."""
-    return _vit(*ARCH_DIMS["vit_tiny"], patch_size, **kwargs)
+    return _vit("vit_tiny", patch_size, **kwargs)
 
 
 def vit_small(patch_size=16, **kwargs):
     """ViT-Small: dim 384, 6 heads, depth 12."""
-    return _vit(*ARCH_DIMS["vit_small"], patch_size, **kwargs)
+    return _vit("vit_small", patch_size, **kwargs)
 
 
 def vit_base(patch_size=16, **kwargs):
     """ViT-Base: dim 768, 12 heads, depth 12."""
-    return _vit(*ARCH_DIMS["vit_base"], patch_size, **kwargs)
+    return _vit("vit_base", patch_size, **kwargs)
 
 
-ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+def vit_large(patch_size=16, **kwargs):
+    """ViT-Large: dim 1024, 16 heads, depth 24 (DINOv2's ViT-L without registers)."""
+    return _vit("vit_large", patch_size, **kwargs)
+
+
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
+         "vit_large": vit_large}
 
 
 def build_vit(arch: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
-    """A ViT by name (``vit_tiny``, ``vit_small``, ``vit_base``)."""
+    """A ViT by name (``vit_tiny``, ``vit_small``, ``vit_base``, ``vit_large``)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     return ARCHS[arch](patch_size=patch_size, **kwargs)

@@ -11,7 +11,9 @@ from dino_fast.models import (
     MultiCropWrapper,
     VisionTransformer,
     build_vit,
+    detect_arch,
     load_pretrained,
+    vit_large,
     vit_small,
     vit_tiny,
 )
@@ -51,6 +53,27 @@ def test_vit_small_16_state_dict_is_official():
 
 def test_vit_tiny_8_state_dict_is_official():
     assert shapes(vit_tiny(patch_size=8)) == official_vit_keys(12, 192, 8, 784)
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_vit_large_is_dinov2_vit_l_without_registers(patch):
+    """24 blocks of width 1024 and 16 heads, built on the meta device (no memory): the official
+    naming, 303.3M backbone parameters at patch 16, and detect_arch finds it from the shapes."""
+    with torch.device("meta"):
+        vit = build_vit("vit_large", patch)
+    assert shapes(vit) == official_vit_keys(24, 1024, patch, (224 // patch) ** 2)
+    assert vit.blocks[0].attn.num_heads == 16
+    if patch == 16:
+        assert sum(p.numel() for p in vit.parameters()) == 303_301_632
+    assert detect_arch(vit.state_dict()) == ("vit_large", patch)
+    backbone = {f"backbone.{k}": torch.empty(v.shape, device="meta")
+                for k, v in vit.state_dict().items()}
+    assert detect_arch(backbone) == ("vit_large", patch)
+
+
+def test_vit_large_builds_by_name_and_function():
+    with torch.device("meta"):
+        assert shapes(vit_large(patch_size=16)) == shapes(build_vit("vit_large", 16))
 
 
 def test_dino_head_state_dict_is_official():
