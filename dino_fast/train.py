@@ -1,9 +1,10 @@
 """``python -m dino_fast.train``: DINO self-supervised training (Caron et al. 2021).
 
 Flags, defaults, checkpoint and log formats follow the official ``main_dino.py``; our own flags
-(``--compile``, ``--attn_backend``, ``--loader``, ``--precision``, ``--max_steps``, ``--device``)
-come last. Without ``--data_path`` it trains on the small set of photos bundled with the package.
-Run under ``torchrun`` to train on several processes (DistributedDataParallel).
+(``--compile``, ``--attn_backend``, ``--loader``, ``--precision``, ``--max_steps``, ``--device``,
+``--sharding``, ``--activation_checkpointing``) come last. Without ``--data_path`` it trains on
+the small set of photos bundled with the package. Run under ``torchrun`` to train on several
+processes (DistributedDataParallel, or FSDP2 with ``--sharding fsdp2``).
 """
 import argparse
 import contextlib
@@ -25,6 +26,7 @@ from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
 from dino_fast.models.checkpoint import WriteError, save_atomic
+from dino_fast.models.checkpointing import ACTIVATION_CHECKPOINTING, apply_activation_checkpointing
 from dino_fast.models.packed import PACK_ATTENTION, PackedMultiCropWrapper
 from dino_fast.monitoring.monitor import add_monitor_args, build_monitor
 from dino_fast.training import distributed as dist_utils
@@ -34,6 +36,13 @@ from dino_fast.training.optim import build_optimizer, get_params_groups
 from dino_fast.training.resume import check_output_dir, resume, start_position
 from dino_fast.training.run_lock import RunLock
 from dino_fast.training.schedules import cosine_scheduler
+from dino_fast.training.sharding import (
+    SHARDINGS,
+    ShardedTeacherEMA,
+    full_training_state,
+    load_training_state,
+    shard_student_and_teacher,
+)
 from dino_fast.training.signals import StopRequest
 from dino_fast.training.step import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
 from dino_fast.training.step_meters import StepMeters
@@ -100,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", default=None, type=int,
                    help="at most this many steps per epoch (short runs); schedules follow")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--sharding", default="ddp", choices=SHARDINGS,
+                   help="under torchrun: ddp (replicated models) or fsdp2 (parameters, "
+                        "gradients and optimizer state split across processes)")
+    p.add_argument("--activation_checkpointing", default="none", choices=ACTIVATION_CHECKPOINTING,
+                   help="student blocks: recompute activations in the backward to save memory")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="skip unreadable images (counted in the log) instead of stopping")
     p.add_argument("--global_crops_size", default=224, type=int,
@@ -207,18 +221,16 @@ def train_in_output_dir(args, device) -> dict:
     iters_per_epoch = min(len(loader), args.max_steps or len(loader))
 
     student, teacher = build_models(args, device)
-    ema = TeacherEMA(student, teacher)  # flat buffers: before the optimizer and DDP
-    student_module = student
-    if dist_utils.is_dist():
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+    apply_activation_checkpointing(student, args.activation_checkpointing)
+    sharded = args.sharding == "fsdp2" and dist_utils.is_dist()
+    student, student_module, teacher, ema = parallelize(student, teacher, device, sharded, args)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs,
                          args.epochs).to(device)
     optimizer = build_optimizer(args.optimizer, get_params_groups(student_module))
     step = TrainStep(student, teacher, dino_loss, optimizer, ema, precision=args.precision,
                      clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
-                     compile=args.compile, compile_mode=args.compile_mode)
+                     compile=args.compile, compile_mode=args.compile_mode, sharded=sharded)
 
     warmup_epochs = min(args.warmup_epochs, args.epochs)
     lr_schedule = cosine_scheduler(args.lr * args.batch_size_per_gpu * world / 256.0,
@@ -233,7 +245,7 @@ def train_in_output_dir(args, device) -> dict:
     if checkpoint_on_every_rank(ckpt_path, device):
         start_epoch, start_step = start_position(
             *resume(ckpt_path, args, world, student_module, teacher, optimizer, dino_loss,
-                    step.scaler), iters_per_epoch)
+                    step.scaler, load_training_state if sharded else None), iters_per_epoch)
         if start_epoch >= args.epochs:
             log(f"training has finished: {ckpt_path} holds all {args.epochs} epochs (raise "
                 "--epochs to train longer)")
@@ -258,8 +270,7 @@ def train_in_output_dir(args, device) -> dict:
             if finished:  # health metrics, k-NN when due, collapse rule
                 stats.update(monitor.end_epoch(epoch, epoch == args.epochs - 1,
                                                teacher.backbone))
-            save_dict = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                         "optimizer": optimizer.state_dict(),
+            save_dict = {**training_state(student, teacher, optimizer, sharded),
                          "epoch": epoch + 1 if finished else epoch, "args": dict(vars(args)),
                          "dino_loss": dino_loss.state_dict(), "iteration": 0 if finished else done,
                          "world_size": world}
@@ -286,6 +297,38 @@ def train_in_output_dir(args, device) -> dict:
                 f"checkpoint: {ckpt_path}")
         monitor.close()
     return stats
+
+
+def parallelize(student, teacher, device, sharded: bool, args):
+    """``(student to train, student module, teacher, EMA)``: FSDP2-sharded models and their
+    sharded EMA when ``sharded``; else the flat-buffer EMA, and the student in DDP under
+    torchrun."""
+    if sharded:
+        if args.precision == "fp16":
+            raise UserError("--sharding fsdp2 runs with --precision fp32 or bf16, not fp16 (its "
+                            "loss scaler does not unscale sharded gradients)")
+        if args.knn_every:
+            raise UserError("--knn_every needs the whole teacher on rank 0: use --sharding ddp, "
+                            "or run eval_knn on the checkpoint")
+        student, teacher = shard_student_and_teacher(student, teacher, device, args.precision)
+        return student, student, teacher, ShardedTeacherEMA(student, teacher)
+    if args.sharding == "fsdp2":
+        log("--sharding fsdp2 with one process: nothing to shard, training as with ddp")
+    ema = TeacherEMA(student, teacher)  # flat buffers: before the optimizer and DDP
+    if not dist_utils.is_dist():
+        return student, student, teacher, ema
+    ddp = nn.parallel.DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, student, teacher, ema
+
+
+def training_state(student, teacher, optimizer, sharded: bool) -> dict:
+    """The ``student``, ``teacher`` and ``optimizer`` state dicts of a checkpoint, in the official
+    layout whatever the sharding (under FSDP2 gathered on rank 0: call on every rank)."""
+    if sharded:
+        return full_training_state(student, teacher, optimizer)
+    return {"student": student.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict()}
 
 
 def save_and_log(save_dict, stats, epoch, finished, args) -> dict:

@@ -126,20 +126,28 @@ def mid_epoch_step(path: str, ckpt: dict, batch_size: int, world_size: int) -> i
     return step
 
 
+def load_state(student, teacher, optimizer, student_state, teacher_state, optimizer_state):
+    """Load the three state dicts of a checkpoint into unsharded models and their optimizer."""
+    student.load_state_dict(student_state)
+    teacher.load_state_dict(teacher_state)
+    optimizer.load_state_dict(optimizer_state)
+
+
 def resume(path, args, world_size, student, teacher, optimizer, dino_loss,
-           scaler) -> tuple[int, int]:
+           scaler, load=None) -> tuple[int, int]:
     """Restore the training state from ``path``; return the epoch and the step in it to start
     from (non-zero after a signal stopped training mid-epoch: :func:`mid_epoch_step` for this
-    run's ``--batch_size_per_gpu`` and ``world_size``)."""
+    run's ``--batch_size_per_gpu`` and ``world_size``). ``load`` puts the models' and the
+    optimizer's state dicts in place (:func:`load_state` by default; the sharded one under
+    FSDP2)."""
     ckpt = _read(path)
     check_compatible(path, ckpt, args)
     step = mid_epoch_step(path, ckpt, args.batch_size_per_gpu, world_size)
     try:
-        student.load_state_dict(normalize_keys(ckpt["student"]))
-        teacher.load_state_dict(normalize_keys(ckpt["teacher"]))
+        (load or load_state)(student, teacher, optimizer, normalize_keys(ckpt["student"]),
+                             normalize_keys(ckpt["teacher"]), ckpt["optimizer"])
         if "dino_loss" in ckpt:
             dino_loss.load_state_dict(ckpt["dino_loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"{path} does not match this run's model/optimizer (different --arch, "
                         f"--out_dim, --patch_size or --optimizer?): {err}") from err

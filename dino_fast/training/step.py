@@ -28,6 +28,7 @@ import torch
 from dino_fast.ops.dino_loss import dino_loss_terms_reference
 from dino_fast.training.nonfinite import NonFiniteLossError, NonFiniteWatch
 from dino_fast.training.optim import cancel_gradients_last_layer, gradient_norms
+from dino_fast.training.sharding import sharded_gradient_norms
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -36,11 +37,16 @@ __all__ = ["COMPILE_MODES", "PRECISIONS", "NonFiniteLossError", "TrainStep", "lo
 
 
 class TrainStep:
-    """Callable running one iteration; holds the models, loss, optimizer, EMA and precision."""
+    """Callable running one iteration; holds the models, loss, optimizer, EMA and precision.
+    ``sharded``: the models are FSDP2-sharded (``dino_fast.training.sharding``), and ``ema`` is
+    then a :class:`~dino_fast.training.sharding.ShardedTeacherEMA`."""
 
     def __init__(self, student, teacher, dino_loss, optimizer, ema, precision="fp32",
-                 clip_grad=3.0, freeze_last_layer=1, compile=False, compile_mode="default"):
+                 clip_grad=3.0, freeze_last_layer=1, compile=False, compile_mode="default",
+                 sharded=False):
         self.student, self.teacher, self.dino_loss = student, teacher, dino_loss
+        # FSDP2 (``sharded``): each gradient is a shard, its norm needs the other processes'
+        self.gradient_norms = sharded_gradient_norms if sharded else gradient_norms
         self.optimizer, self.ema = optimizer, ema
         device = next(student.parameters()).device
         self.device_type = device.type
@@ -148,7 +154,7 @@ class TrainStep:
 
     def _clip_and_freeze(self, student, epoch) -> torch.Tensor:
         """Clip per parameter (when ``clip_grad``), freeze the last layer; return the norms."""
-        norms = gradient_norms(student, self.clip_grad)
+        norms = self.gradient_norms(student, self.clip_grad)
         cancel_gradients_last_layer(epoch, student, self.freeze_last_layer)
         return norms
 
