@@ -6,53 +6,49 @@
 Where only a few files can leave the machine, add ``--results FOLDER``: the report (and its JSON)
 go there, and the report carries the last lines of every failed command's log.
 
-Stages, in order; every command runs as its own subprocess with a deadline, so a hang or crash
-is reported and the next command runs (logs in ``DIR/<stage>/<job>.log``, results appended to
-``DIR/results.jsonl`` as they come); then one markdown report (and JSON) is written to
-``benchmarks/results/<date>-<gpu>.md`` and printed last.
+Stages, in order, the headline first; every command runs as its own subprocess with a
+deadline, so a hang or crash is reported and the next command runs (logs in
+``DIR/<stage>/<job>.log``, results appended to ``DIR/results.jsonl`` as they come); then one
+markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` and printed last.
+``--plan`` prints the commands a GPU run would get, in order, with their shares, and runs none.
 
 1. environment: GPU, driver, CUDA, torch, triton, numpy, DALI, ONNX Runtime (and its
    providers), xformers, the commit.
-2. correctness on CUDA: the kernel tests (attention forward and backward, batched and packed,
-   at 197, 37 and odd lengths; the loss; the EMA; the packed pass) with
-   ``DINO_FAST_AUTOTUNE=off`` (one candidate per shape class: compile, don't autotune), on
-   several pytest-xdist workers where it is installed; then
-   two steps of ``dino_fast.train``, the reference configuration (eager attention, reference
-   ops, fp32) against the fast one in fp32 with Triton attention and in its bf16 default, on the
-   same crops (:mod:`benchmarks.train_parity`).
-3. ops (:mod:`benchmarks.ops` ``--quick``): attention at ``[128, 6, 197, 64]``,
+2. smoke: four CUDA kernel tests (attention, loss, EMA) with ``DINO_FAST_AUTOTUNE=off``; two
+   steps of ``dino_fast.train``, the reference configuration (eager attention, reference ops,
+   fp32) against the fast bf16 default on the same crops (:mod:`benchmarks.train_parity`).
+3. headline (:mod:`benchmarks.train_step`, synthetic crops on the GPU): ViT-S/16,
+   2 x 224 + 10 x 96, K = 65536, bf16, batch 64, one command a row: official, fast eager (with
+   the profiler's kernel and sync counts), fast compiled (``default``), fast compiled
+   ``reduce-overhead`` (CUDA graphs), packed crops.
+4. ops (:mod:`benchmarks.ops` ``--quick``): attention at ``[128, 6, 197, 64]``,
    ``[640, 6, 37, 64]`` and packed ``64 x (2 x 197 + 10 x 37)`` against SDPA with each backend
    forced (and xformers when installed); the DINO loss at K = 65536, batch 64, 12 crops against
    eager and compiled eager; the EMA over ViT-S/16 + head (44M parameters) against the
    per-parameter loop, ``_foreach_lerp_`` and a plain copy. One command per op.
-4. training step (:mod:`benchmarks.train_step`, synthetic crops on the GPU): official-style
-   against fast, ViT-S/16, 2 x 224 + 10 x 96, batch 64 and 128, then each fast-path option the
-   runner has (compile, packed crops, compile modes) as its own row at batch 128; GPU kernels
-   and CUDA syncs per step (a profiler pass) for the batch-64 and packed rows; then
-   ``dino_fast.train`` itself on a generated JPEG corpus with the torch loader, and with DALI
-   when it is installed (images/s of the second epoch, from its progress bar).
-5. attention-map inference (:mod:`benchmarks.inference`): PyTorch eager fp32 / bf16 and ONNX
+5. kernel tests: all of them (attention forward and backward, batched and packed, at 197, 37 and
+   odd lengths; the loss; the EMA; the packed pass) with ``DINO_FAST_AUTOTUNE=off`` (one
+   candidate per shape class: compile, don't autotune), on several pytest-xdist workers where
+   it is installed.
+6. attention-map inference (:mod:`benchmarks.inference`): PyTorch eager fp32 / bf16 and ONNX
    Runtime fp32 with whatever provider it has (and fp16 when that is CUDA), batch 1 and 32.
+7. loaders: ``dino_fast.train`` on a generated JPEG corpus with the torch loader, and with DALI
+   when it is installed (images/s of the second epoch, from its progress bar).
 
 Plan for 9 minutes on an H100 (seconds; ``--budget`` scales every share; time a command leaves
-unused passes to the next): environment a few, outside the plan; correctness 165 (kernel tests 105:
-compiling one candidate per kernel and key, no autotuning, most of it, and near zero with a warm
-Triton cache. Measured without a GPU (``python -m benchmarks.kernel_resources --set pinned-tests``):
-the CUDA run of tests/ops/test_attention.py makes 143 sm_90 compilations with
-``DINO_FAST_AUTOTUNE=off`` (433 with autotuning), median 6.9 s each on a loaded 2-core CPU, 29 s the
-longest; on an idle fast core that is 2-5 minutes in all. pytest-xdist (in the GPU machine's image,
-and in the ``dev`` extra) runs the tests on up to 8 workers, which compile in parallel, so a cold
-run should take a fraction of that; without it a cold first run may spend its whole share here: the
-job is then reported as timed out, the next commands run, and a second run with the same ``--out``
-starts from the warm cache;
-three 2-step training runs 20 each); ops 105 (attention 50, with the Triton autotuner's first
-pass; loss 35, most of it one inductor compile; EMA 20); training step 195 (the runner's
-``--help`` 10; batch 64 and 128, official and fast, 35 + 40; compile 45; packed crops 25 when
-the runner has it; corpus 15; torch loader 25; DALI and the compile-mode row take what earlier
-commands left); inference 75
-(two ONNX exports of ViT-S/16 about 15 each). The kernel tests and benchmarks keep Triton's
-cache and autotuning results in ``DIR/triton-cache`` (``TRITON_CACHE_DIR``,
-``TRITON_CACHE_AUTOTUNING=1``), so a second run with the same ``--out`` compiles nothing.
+unused passes to the next; 520 planned, 20 spare): environment a few, outside the plan; smoke 60
+(tests 25, reference 15, fast 20); headline 255 (the runner's ``--help`` 5; official 35, fast 30,
+compiled 90 (one cold inductor compile of teacher and student: likely 60-150 s cold, which is
+why it has the largest share), ``reduce-overhead`` 60 (a second compile plus graph capture),
+packed 30); ops 60 (attention 25, loss 20, EMA 15); kernel tests 90 (compiling one candidate
+per kernel and key, no autotuning, most of it, and near zero with a warm Triton cache; measured
+without a GPU with ``python -m benchmarks.kernel_resources --set pinned-tests``: 143 sm_90
+compilations, median 6.9 s each on a loaded 2-core CPU, shared over the xdist workers; a cold
+run without xdist may time out, and a second run with the same ``--out`` starts warm);
+inference 40; loaders 25 (corpus 10, torch 15; DALI takes what is left). The batch-128 rows and
+``max-autotune`` do not fit and are dropped. Triton's cache and autotuning results
+(``DIR/triton-cache``: ``TRITON_CACHE_DIR``, ``TRITON_CACHE_AUTOTUNING=1``) and inductor's
+(``DIR/inductor-cache``) stay under ``--out``, so a second run compiles less.
 
 ``--dry-run`` runs every stage on the CPU with tiny shapes and CPU baselines, inside this process
 where it can (the kernel tests still run in a pytest subprocess), so that this script cannot rot
@@ -73,6 +69,7 @@ from benchmarks.common import environment, format_table
 from benchmarks.suite_runner import (
     ROOT,
     Job,
+    JobResult,
     Recorder,
     junit_summary,
     read_rows,
@@ -84,6 +81,12 @@ PLANNED_SECONDS = 540
 FAILURE_LINES = 25  # of each failed command's log, in the report
 KERNEL_TESTS = ["tests/ops/test_attention.py", "tests/ops/test_dino_loss.py",
                 "tests/ops/test_ema.py", "tests/models/test_packed.py"]
+SMOKE_TESTS = ["tests/ops/test_attention.py::test_large_logits_are_stable",
+               "tests/ops/test_attention.py::test_lse_is_the_row_logsumexp",
+               "tests/ops/test_dino_loss.py::test_hand_computed_tiny_case",
+               "tests/ops/test_ema.py::test_views_of_flat_buffer_update"]
+DRY_TESTS = ["tests/ops/test_ema.py::test_matches_reference[False-1000-reference]",
+             "tests/ops/test_ema.py::test_matches_reference[True-1000-reference]"]
 
 
 class Suite:
@@ -99,10 +102,17 @@ class Suite:
         self.jobs: list[dict] = []
         cache = os.path.join(self.out, "triton-cache")
         self.triton_env = {"TRITON_CACHE_DIR": cache, "TRITON_CACHE_AUTOTUNING": "1"}
+        # inductor's cache too, so that a second run with the same --out compiles nothing
+        self.compile_env = {**self.triton_env,
+                            "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.out, "inductor-cache")}
+        self.plan_only = getattr(args, "plan", False)
+        self.planned: list[tuple[str, Job, float]] = []  # --plan: (stage, job, seconds)
 
     def run(self, stage: str, job: Job, in_process: bool | None = None):
         """Run ``job`` within its share plus what earlier commands left, never past the budget."""
         planned = job.seconds * self.scale
+        if self.plan_only:
+            return self.plan(stage, job, planned)
         limit = min(planned + self.carry, self.deadline - time.monotonic())
         log = os.path.join(self.out, stage, f"{job.name}.log")
         result = run_job(job, limit, log, self.dry if in_process is None else in_process)
@@ -112,7 +122,20 @@ class Suite:
                           "log": log})
         return result
 
+    def plan(self, stage: str, job: Job, seconds: float) -> JobResult:
+        """``--plan``: note ``job`` with its share, run nothing but a runner's ``--help`` (the
+        plan depends on the flags it has: its parser only, in this process)."""
+        log = self.path(stage, f"{job.name}.plan.log")
+        if job.args == ["--help"]:
+            return run_job(job, 60, log, in_process=True)
+        self.planned.append((stage, job, seconds))
+        with open(log, "w", encoding="utf-8"):
+            pass
+        return JobResult(job.name, "planned", 0.0, log)
+
     def add_rows(self, stage: str, result, rows: list[dict]):
+        if self.plan_only:
+            return
         rows = [{"job": result.name, **row} for row in rows]
         self.stages.setdefault(stage, []).extend(rows)
         self.recorder.record(stage, result, rows)
@@ -157,7 +180,7 @@ def suite_environment() -> dict:
     return info
 
 
-# --- 2. correctness --------------------------------------------------------------------------
+# --- 2. smoke and 5. kernel tests ------------------------------------------------------------
 
 def train_job(suite: Suite, name: str, folder: str, flags: list, seconds: float) -> Job:
     """``python -m dino_fast.train`` on the bundled photos for the parity check."""
@@ -183,35 +206,36 @@ def xdist_args(suite: Suite) -> list[str]:
     return ["-n", str(workers)]
 
 
-def stage_correctness(suite: Suite):
-    junit = suite.path("correctness", "kernel-tests.xml")
-    selection = KERNEL_TESTS if not suite.dry else [
-        "tests/ops/test_ema.py::test_matches_reference[False-1000-reference]",
-        "tests/ops/test_ema.py::test_matches_reference[True-1000-reference]"]
-    tests = Job("kernel-tests", "pytest", ["-q", "-p", "no:cacheprovider", "-rf",
-                                            *xdist_args(suite), f"--junitxml={junit}",
-                                            *selection], 105,
-                env={**suite.triton_env, "DINO_FAST_AUTOTUNE": "off"})
-    # pytest cannot nest in-process: a subprocess, which in the dry run runs beside the in-process
-    # training runs below (a second core); on a GPU the commands run one at a time
-    background = ThreadPoolExecutor(1) if suite.dry else None
-    pending = background.submit(suite.run, "correctness", tests, False) if background else None
-    if pending is None:
-        suite.add_rows("correctness", suite.run("correctness", tests, False),
-                       [junit_summary(junit)])
+def kernel_tests_job(suite: Suite, name: str, selection: list[str], seconds: float) -> Job:
+    """The CUDA kernel tests in ``selection`` with ``DINO_FAST_AUTOTUNE=off``, a JUnit report."""
+    junit = suite.path("correctness", f"{name}.xml")
+    return Job(name, "pytest", ["-q", "-p", "no:cacheprovider", "-rf", *xdist_args(suite),
+                                f"--junitxml={junit}", *selection], seconds,
+               env={**suite.triton_env, "DINO_FAST_AUTOTUNE": "off"})
+
+
+def run_kernel_tests(suite: Suite, stage: str, job: Job):
+    """Run ``job`` (a pytest subprocess: pytest cannot nest in-process) and add its counts."""
+    junit = next(arg for arg in job.args if arg.startswith("--junitxml="))[len("--junitxml="):]
+    suite.add_rows(stage, suite.run(stage, job, False), [junit_summary(junit)])
+
+
+def parity_runs(suite: Suite):
+    """Two steps of ``dino_fast.train``, the reference configuration against the fast default
+    on the same crops, and the comparison of their updates."""
     runs = {"reference": (["--attn_backend", "eager", "--precision", "fp32"],
                           {"DINO_FAST_BACKEND": "reference"})}
     if suite.dry:
         runs["fast fp32"] = (["--attn_backend", "sdpa", "--precision", "fp32"], {})
     else:
-        runs["fast fp32 triton"] = (["--attn_backend", "triton", "--precision", "fp32"], {})
         runs["fast bf16 (default)"] = (["--precision", "bf16"], {})
-    folders = {name: suite.folder("correctness", re.sub(r"[^a-z0-9]+", "-", name).strip("-"))
+    folders = {name: suite.folder("smoke", re.sub(r"[^a-z0-9]+", "-", name).strip("-"))
                for name in runs}
     for name, (flags, env) in runs.items():
-        job = train_job(suite, os.path.basename(folders[name]), folders[name], flags, 20)
+        job = train_job(suite, os.path.basename(folders[name]), folders[name], flags,
+                        15 if name == "reference" else 20)
         job.env = {**job.env, **env}
-        result = suite.run("correctness", job)
+        result = suite.run("smoke", job)
         rows = []
         if name != "reference" and result.ok:
             precision = flags[flags.index("--precision") + 1]
@@ -221,17 +245,36 @@ def stage_correctness(suite: Suite):
             except (OSError, KeyError, ValueError) as error:
                 rows = [{"check": f"2 training steps: {name} vs reference",
                          "verdict": f"no comparison ({type(error).__name__}: {error})"}]
-        suite.add_rows("correctness", result, rows)
-    if pending is not None:
-        suite.add_rows("correctness", pending.result(), [junit_summary(junit)])
-        background.shutdown()
+        suite.add_rows("smoke", result, rows)
 
 
-# --- 3. ops ----------------------------------------------------------------------------------
+def stage_smoke(suite: Suite):
+    """Under a minute: a handful of CUDA kernel tests and one two-step parity run."""
+    selection = DRY_TESTS[:1] if suite.dry else SMOKE_TESTS
+    tests = kernel_tests_job(suite, "smoke-tests", selection, 25)
+    # in the dry run the pytest subprocess runs beside the in-process training runs (a second
+    # core); on a GPU the commands run one at a time
+    if suite.dry:
+        with ThreadPoolExecutor(1) as background:
+            pending = background.submit(run_kernel_tests, suite, "smoke", tests)
+            parity_runs(suite)
+            pending.result()
+    else:
+        run_kernel_tests(suite, "smoke", tests)
+        parity_runs(suite)
+
+
+def stage_kernel_tests(suite: Suite):
+    """All the kernel tests, after the headline and the ops."""
+    selection = DRY_TESTS if suite.dry else KERNEL_TESTS
+    run_kernel_tests(suite, "kernel tests", kernel_tests_job(suite, "kernel-tests", selection, 90))
+
+
+# --- 4. ops ----------------------------------------------------------------------------------
 
 def stage_ops(suite: Suite):
     size = ["--tiny", "--no_compile"] if suite.dry else ["--quick"]
-    for op, seconds in (("attention", 50), ("loss", 35), ("ema", 20)):
+    for op, seconds in (("attention", 25), ("loss", 20), ("ema", 15)):
         json_path = suite.path("ops", f"{op}.json")
         job = Job(op, "benchmarks.ops", [*size, "--ops", op, "--json", json_path], seconds,
                   env=suite.triton_env)
@@ -239,48 +282,49 @@ def stage_ops(suite: Suite):
         suite.add_rows("ops", result, read_rows(json_path, result.output()) if result.ok else [])
 
 
-# --- 4. training step ------------------------------------------------------------------------
+# --- 3. headline and 7. loaders --------------------------------------------------------------
 
 # benchmarks/train_step.py's flags when this was written; newer ones are read from its --help
 STEP_FLAGS = {"--arch", "--patch_size", "--batch", "--local_crops", "--out_dim", "--repeats",
               "--configs", "--output"}
 
 
-def runner_flags(suite: Suite, module: str) -> set[str]:
-    """The flags ``module``'s command line accepts (from its ``--help``)."""
-    result = suite.run("training", Job(f"{module.split('.')[-1]}-help", module, ["--help"], 10))
-    return set(re.findall(r"--[a-z_-]+", result.output())) if result.ok else STEP_FLAGS
-
-
 def step_jobs(suite: Suite, flags: set[str]) -> list[tuple[Job, str]]:
-    """The ``benchmarks.train_step`` commands: ``(job, its JSON path)``."""
+    """The headline ``benchmarks.train_step`` commands at batch 64, one row each, in order:
+    ``(job, its JSON path)``. The dry run skips the compiled rows."""
     if suite.dry:
-        shape = ["--arch", "vit_tiny", "--local_crops", "1", "--out_dim", "256", "--repeats", "1"]
-        batches, extra_batch = [1], 1
+        shape = ["--arch", "vit_tiny", "--local_crops", "1", "--out_dim", "256", "--repeats", "1",
+                 "--batch", "1"]
     else:
-        shape = ["--arch", "vit_small", "--local_crops", "10", "--out_dim", "65536"]
-        batches, extra_batch = [64, 128], 128
-    # the launch counts (a profiler pass of some seconds a row) where the issue's goal is set
+        shape = ["--arch", "vit_small", "--local_crops", "10", "--out_dim", "65536",
+                 "--precision", "bf16", "--batch", "64"]
     counts = ["--gpu_counts"] if "--gpu_counts" in flags and not suite.dry else []
-    plans = [(f"batch{b}", ["--batch", b, "--configs", "official,fast",
-                            *(counts if b == 64 else [])], 35 if b == 64 else 40)
-             for b in batches]
+    plans = [("official", ["--configs", "official"], 35),
+             ("fast", ["--configs", "fast", *counts], 30)]
     if not suite.dry:
-        plans.append(("compile", ["--batch", extra_batch, "--configs", "fast+compile"], 45))
+        plans += [("compile", ["--configs", "fast+compile", "--compile_mode", "default"], 90),
+                  ("reduce-overhead", ["--configs", "fast+compile", "--compile_mode",
+                                       "reduce-overhead"], 60)]
     if "--pack_crops" in flags:
-        plans.append(("packed", ["--batch", extra_batch, "--configs", "fast", "--pack_crops",
-                                 *counts], 25))
+        plans.append(("packed", ["--configs", "fast", "--pack_crops", *counts], 30))
     jobs = []
     for name, args, seconds in plans:
-        args = [str(a) for a in args]
-        if "--configs" not in flags:  # a runner without the flag measures its own set
-            i = args.index("--configs")
-            del args[i:i + 2]
-        json_path = suite.path("training", f"{name}.json")
+        json_path = suite.path("headline", f"{name}.json")
         args += ["--json", json_path] if "--json" in flags else []
         jobs.append((Job(name, "benchmarks.train_step", [*shape, *args], seconds,
-                         env=suite.triton_env), json_path))
+                         env=suite.compile_env), json_path))
     return jobs
+
+
+def stage_headline(suite: Suite):
+    """The training-step rows at batch 64, right after the smoke test."""
+    help_job = Job("train_step-help", "benchmarks.train_step", ["--help"], 5)
+    result = suite.run("headline", help_job)
+    flags = set(re.findall(r"--[a-z_-]+", result.output())) if result.ok else STEP_FLAGS
+    for job, json_path in step_jobs(suite, flags):
+        result = suite.run("headline", job)
+        suite.add_rows("headline", result, read_rows(json_path, result.output())
+                       if result.ok else [])
 
 
 def loader_runs(suite: Suite):
@@ -288,8 +332,8 @@ def loader_runs(suite: Suite):
     corpus = suite.folder("training", "corpus")
     count = 8 if suite.dry else 400  # 6 steps of 64 in an epoch
     made = suite.run("training", Job("corpus", "benchmarks.make_corpus",
-                                     ["--count", count, "--out", corpus], 15))
-    if not made.ok:
+                                     ["--count", count, "--out", corpus], 10))
+    if not made.ok and made.status != "planned":
         suite.add_rows("training", made, [])
         return
     loaders = ["torch"] + (["dali"] if _version("nvidia.dali") else [])
@@ -305,7 +349,8 @@ def loader_runs(suite: Suite):
         folder = suite.folder("training", f"loader-{loader}")
         job = Job(f"loader-{loader}", "dino_fast.train",
                   [*shape, "--data_path", corpus, "--loader", loader, "--epochs", "2",
-                   "--warmup_epochs", "0", "--saveckp_freq", "0", "--output_dir", folder], 25,
+                   "--warmup_epochs", "0", "--saveckp_freq", "0", "--output_dir", folder],
+                  15 if loader == "torch" else 0,  # DALI takes what the others left
                   env=suite.triton_env)
         result = suite.run("training", job)
         rows = [{"config": f"dino_fast.train, {loader} loader, JPEG corpus",
@@ -313,25 +358,7 @@ def loader_runs(suite: Suite):
         suite.add_rows("training", result, rows)
 
 
-def stage_training(suite: Suite):
-    flags = runner_flags(suite, "benchmarks.train_step")
-    for job, json_path in step_jobs(suite, flags):
-        result = suite.run("training", job)
-        suite.add_rows("training", result, read_rows(json_path, result.output())
-                       if result.ok else [])
-    loader_runs(suite)
-    if not suite.dry and "--compile_mode" in flags:  # last: it takes what is left
-        job = Job("compile-max-autotune", "benchmarks.train_step",
-                  ["--arch", "vit_small", "--local_crops", "10", "--out_dim", "65536",
-                   "--batch", "128", "--configs", "fast+compile", "--compile_mode",
-                   "max-autotune-no-cudagraphs", "--json", suite.path("training", "mat.json")],
-                  0, env=suite.triton_env)
-        result = suite.run("training", job)
-        suite.add_rows("training", result, read_rows(job.args[-1], result.output())
-                       if result.ok else [])
-
-
-# --- 5. inference ----------------------------------------------------------------------------
+# --- 6. inference ----------------------------------------------------------------------------
 
 def stage_inference(suite: Suite, env: dict):
     json_path = suite.path("inference", "inference.json")
@@ -343,7 +370,7 @@ def stage_inference(suite: Suite, env: dict):
         args = ["--arch", "vit_small", "--batch_sizes", "1", "32", "--repeats", "10",
                 "--no_compile", "--onnx", "fp32", *(["fp16"] if cuda_ort else [])]
     result = suite.run("inference", Job("inference", "benchmarks.inference",
-                                        [*args, "--json", json_path], 75))
+                                        [*args, "--json", json_path], 40))
     suite.add_rows("inference", result, read_rows(json_path, result.output())
                    if result.ok else [])
 
@@ -386,6 +413,27 @@ def results_path(args, env: dict) -> str:
     return os.path.join(folder, f"{datetime.date.today()}-{device}.md")
 
 
+def run_stages(suite: Suite, env: dict):
+    """Every stage after the environment, in the order of the plan: the headline first."""
+    stage_smoke(suite)
+    stage_headline(suite)
+    stage_ops(suite)
+    stage_kernel_tests(suite)
+    stage_inference(suite, env)
+    loader_runs(suite)
+
+
+def print_plan(suite: Suite) -> dict:
+    """Print the commands a run would get, in order, one a line with its share (seconds)."""
+    for stage, job, seconds in suite.planned:
+        env = " ".join(f"{key}={value}" for key, value in job.env.items())
+        args = " ".join(str(arg) for arg in job.args)
+        print(f"{seconds:6.1f} s  {stage}/{job.name}: {env} python -m {job.module} {args}")
+    total = sum(seconds for _, _, seconds in suite.planned)
+    print(f"{total:6.1f} s  in all, of a budget of {suite.scale * PLANNED_SECONDS:.0f} s")
+    return {"planned": suite.planned}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,6 +442,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="folder for logs, JSON and Triton's cache")
     parser.add_argument("--dry-run", action="store_true",
                         help="every stage on the CPU with tiny shapes (CI)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the commands a GPU run would get, with their shares; run "
+                             "nothing")
     parser.add_argument("--results", help="folder of the final report (default: "
                                           "benchmarks/results, or --out with --dry-run)")
     args = parser.parse_args(argv)
@@ -401,14 +452,15 @@ def main(argv=None) -> dict:
         parser.error(f"--budget must be positive, got {args.budget}")
     start = time.monotonic()
     suite = Suite(args)
-    env = suite_environment()
+    env = {} if args.plan else suite_environment()
+    if args.plan:
+        run_stages(suite, env)
+        return print_plan(suite)
     with open(suite.path("environment.json"), "w", encoding="utf-8") as f:
         json.dump(env, f, indent=1)
     suite.jobs.append({"stage": "environment", "job": "versions", "status": "ok",
                        "seconds": round(time.monotonic() - start, 1)})
-    for stage in (stage_correctness, stage_ops, stage_training):
-        stage(suite)
-    stage_inference(suite, env)
+    run_stages(suite, env)
     text = report(suite, env, args.budget, time.monotonic() - start)
     path = results_path(args, env)
     os.makedirs(os.path.dirname(path), exist_ok=True)

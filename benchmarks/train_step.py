@@ -3,9 +3,14 @@ clipping, optimizer, EMA) with the crops already on the device: images/s, and wh
 measure for a GPU: operators dispatched and host syncs per step.
 
 Configurations, measured in one run:
-* ``official``: the official execution: eager attention, the eager (reference) loss, PyTorch's
-  default AdamW, a per-parameter EMA loop, one crop size at a time, fp16 autocast on CUDA (fp32
-  on the CPU), and the loss read on the host every step (``math.isfinite(loss.item())``);
+* ``official``: what ``main_dino.py`` executes (../shared/REFERENCE.md): eager attention; the
+  eager (reference) loss with its separate center update (``DINO_FAST_BACKEND=reference``);
+  PyTorch's default AdamW; ``utils.clip_gradients``, per parameter, whose ``if clip_coef < 1``
+  reads each parameter's coefficient on the host (:func:`official_clip_gradients`); the
+  per-parameter EMA loop (:class:`PerParameterEMA`); the backbone run once per crop resolution
+  (the eager ``MultiCropWrapper`` path); fp16 autocast with ``GradScaler`` on CUDA (fp32 on the
+  CPU, as official without a GPU); and the loss read on the host every step
+  (``math.isfinite(loss.item())``);
 * ``fast``: our step: fused ops (``DINO_FAST_BACKEND=auto``), SDPA attention, fused AdamW, the
   flat-buffer EMA, no host sync (the non-finite check every ``--check_every`` steps, amortised
   in the sync column), ``--precision`` (auto: bf16 on CUDA), packed crops with ``--pack_crops``;
@@ -79,6 +84,21 @@ class PerParameterEMA:
             k.data.mul_(momentum).add_((1 - momentum) * q.detach().data)
 
 
+def official_clip_gradients(model, clip: float) -> torch.Tensor:
+    """``main_dino.py``'s ``utils.clip_gradients`` as it executes: each parameter's gradient
+    norm, and ``if clip_coef < 1`` on a tensor, a host read per parameter; returns the norms
+    (as :func:`dino_fast.training.optim.gradient_norms` does, for the step's finite check)."""
+    norms = []
+    for p in model.parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm)
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return torch.stack(norms)
+
+
 def build_step(args, device, cfg):
     """A TrainStep over fresh models for one configuration."""
     flags = ["--arch", args.arch, "--patch_size", str(args.patch_size), "--out_dim",
@@ -93,8 +113,11 @@ def build_step(args, device, cfg):
     else:
         ema, optimizer = TeacherEMA(student, teacher), build_optimizer("adamw", groups)
     loss = DINOLoss(args.out_dim, args.local_crops + 2, 0.04, 0.04, 0, 10).to(device)
-    return TrainStep(student, teacher, loss, optimizer, ema, precision=cfg["precision"],
+    step = TrainStep(student, teacher, loss, optimizer, ema, precision=cfg["precision"],
                      compile=cfg["compile"], compile_mode=args.compile_mode)
+    if cfg["official"]:
+        step.gradient_norms = official_clip_gradients
+    return step
 
 
 def random_crops(args, device):

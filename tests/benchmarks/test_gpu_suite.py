@@ -25,9 +25,13 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     failed = [job for job in result["commands"] if job["status"] != "ok"]
     assert not failed, failed
     stages = result["stages"]
-    assert set(stages) == {"correctness", "ops", "training", "inference"}
-    checks = stages["correctness"]
-    tests = next(row for row in checks if row["check"] == "kernel tests")
+    assert list(stages) == ["smoke", "headline", "ops", "kernel tests", "inference", "training"]
+    order = [job["job"] for job in result["commands"]]
+    assert order.index("official") < order.index("attention") < order.index("kernel-tests")
+    checks = stages["smoke"]
+    smoke = next(row for row in checks if row["check"] == "kernel tests")
+    assert smoke["passed"] == 1 and smoke["failed"] == 0
+    tests = stages["kernel tests"][0]
     assert tests["passed"] == 2 and tests["failed"] == 0
     if importlib.util.find_spec("xdist"):  # the dev extra has it: the tests ran on 2 workers
         log = next(job["log"] for job in result["commands"] if job["job"] == "kernel-tests")
@@ -36,7 +40,7 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     ops = {(row["op"].split()[0], row["provider"]) for row in stages["ops"]}
     assert {("attention", "sdpa"), ("attention_varlen", "sdpa per crop size"),
             ("dino_loss", "reference"), ("ema_", "_foreach_lerp_")} <= ops
-    configs = [row["config"] for row in stages["training"]]
+    configs = [row["config"] for row in stages["headline"]]
     assert {"official", "fast"} <= set(configs)
     loader_rows = [row for row in stages["training"] if "loader" in row["config"]]
     assert loader_rows and all(row["images/s"] > 0 for row in loader_rows)
@@ -131,9 +135,7 @@ def gpu_plan(tmp_path, monkeypatch) -> list[Job]:
                          str(log))
     monkeypatch.setattr(gpu_suite.Suite, "run", fake_run)
     suite = gpu_suite.Suite(SimpleNamespace(out=str(tmp_path), dry_run=False, budget=540))
-    for stage in (gpu_suite.stage_correctness, gpu_suite.stage_ops, gpu_suite.stage_training):
-        stage(suite)
-    gpu_suite.stage_inference(suite, {"onnxruntime providers": ["CUDAExecutionProvider"]})
+    gpu_suite.run_stages(suite, {"onnxruntime providers": ["CUDAExecutionProvider"]})
     return jobs
 
 
@@ -145,10 +147,10 @@ def test_every_command_of_the_gpu_plan_parses(tmp_path, monkeypatch):
     from dino_fast.cli.flags import check_train_args
     jobs = gpu_plan(tmp_path, monkeypatch)
     names = {job.name for job in jobs}
-    assert {"kernel-tests", "batch64", "batch128", "compile", "packed", "loader-torch",
-            "compile-max-autotune", "inference"} <= names, names
-    step_64 = next(job for job in jobs if job.name == "batch64")
-    assert "--gpu_counts" in step_64.args  # the launch counts where the goals are set
+    assert {"smoke-tests", "kernel-tests", "official", "fast", "compile", "reduce-overhead",
+            "packed", "loader-torch", "inference"} <= names, names
+    fast = next(job for job in jobs if job.name == "fast")
+    assert "--gpu_counts" in fast.args  # the launch counts where the goals are set
     parse = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -164,3 +166,29 @@ def test_every_command_of_the_gpu_plan_parses(tmp_path, monkeypatch):
             importlib.import_module(job.module).main(argv)
         if job.module == "dino_fast.train":
             check_train_args(parsed.value.args[0])
+
+
+def test_plan_prints_the_headline_first_within_the_budget(tmp_path, capsys):
+    """``--plan`` runs nothing (no log but the runner's ``--help``) and lists the batch-64
+    training-step rows, compiled and CUDA graphs among them, before the ops and the full kernel
+    tests; the shares add up to no more than the budget."""
+    planned = suite_main(["--plan", "--budget", "540", "--out", str(tmp_path)])["planned"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(planned) + 1 and "in all" in lines[-1]
+    names = [job.name for _, job, _ in planned]
+    assert names[:3] == ["smoke-tests", "reference", "fast-bf16-default"]
+    headline = ["official", "fast", "compile", "reduce-overhead", "packed"]
+    assert names[3:8] == headline and names.index("packed") < names.index("attention")
+    assert names.index("attention") < names.index("kernel-tests")
+    for _, job, _ in planned[3:8]:
+        assert job.module == "benchmarks.train_step"
+        assert job.args[job.args.index("--batch") + 1] == "64"
+        assert job.args[job.args.index("--precision") + 1] == "bf16"
+    modes = [job.args[job.args.index("--compile_mode") + 1] for _, job, _ in planned
+             if "--compile_mode" in job.args]
+    assert modes == ["default", "reduce-overhead"]
+    assert sum(seconds for _, _, seconds in planned) <= 540
+    assert (tmp_path / "results.jsonl").read_text() == ""  # nothing ran
+    assert not os.path.exists(tmp_path / "headline" / "official.json")
+    half = suite_main(["--plan", "--budget", "270", "--out", str(tmp_path)])["planned"]
+    assert sum(s for _, _, s in half) == pytest.approx(sum(s for _, _, s in planned) / 2)

@@ -7,6 +7,8 @@ from torch._inductor import metrics
 from torch.autograd import DeviceType
 
 from benchmarks import train_step
+from dino_fast.ops import use_backend
+from dino_fast.profiling import DispatchCounter
 from dino_fast.training.ema import TeacherEMA
 from dino_fast.training.loss import DINOLoss
 from dino_fast.training.optim import build_optimizer, get_params_groups
@@ -71,3 +73,48 @@ def test_gpu_profiling_runs_and_reports_no_activity_as_unknown(monkeypatch, caps
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
     assert train_step.profile_gpu_work(tiny_step(), crops, False, 10) == (None, None)
     assert "recorded no GPU activity" in capsys.readouterr().err
+
+
+def official_and_fast_steps():
+    """The ``official`` and ``fast`` steps of a tiny run (fp32 on the CPU), same initialisation."""
+    args = train_step.parse_args(["--device", "cpu", "--arch", "vit_tiny", "--batch", "2",
+                                  "--local_crops", "1", "--global_size", "32",
+                                  "--local_size", "16", "--out_dim", "64"])
+    configs = train_step.configurations(args, cuda=False)
+    cpu = torch.device("cpu")
+    return args, {name: train_step.build_step(args, cpu, configs[name])
+                  for name in ("official", "fast")}
+
+
+def test_official_row_clips_per_parameter_with_a_host_read_each():
+    """``main_dino.py``'s ``clip_gradients``: ``if clip_coef < 1`` reads every parameter's
+    coefficient on the host, so the official row's clipping syncs at least once per clipped
+    parameter (it used our clipping, which reads nothing); the whole step then too."""
+    args, steps = official_and_fast_steps()
+    crops = train_step.random_crops(args, torch.device("cpu"))
+    official = steps["official"]
+    official(crops, 1, 1e-3, 0.04, 0.996, 0)  # gradients to clip
+    clipped = sum(1 for p in official.student.parameters() if p.grad is not None)
+    with DispatchCounter() as counter:
+        official.gradient_norms(official.student, official.clip_grad)
+    assert counter.total_syncs >= clipped > 0, (counter.total_syncs, clipped)
+    _, syncs = train_step.count_dispatches(official, crops, True, 10)
+    assert syncs >= clipped
+
+
+def test_official_gradients_equal_the_fast_gradients():
+    """From the same initialisation and crops, one step of each gives the same clipped
+    gradients within fp32 tolerance: the official row computes what the fast one does,
+    executed as ``main_dino.py`` executes it. (Gradients, not updates: Adam's first update is
+    about lr x sign(gradient), which flips on gradients near zero.)"""
+    args, steps = official_and_fast_steps()
+    configs = train_step.configurations(args, cuda=False)
+    crops = train_step.random_crops(args, torch.device("cpu"))
+    for name, step in steps.items():
+        torch.manual_seed(1)  # the same stochastic depth
+        with use_backend(configs[name]["backend"]):
+            step(crops, 1, 1e-3, 0.04, 0.996, 0)  # epoch 1: the last layer trains too
+    pairs = zip(steps["official"].student.named_parameters(), steps["fast"].student.parameters())
+    for (name, official), fast in pairs:
+        torch.testing.assert_close(official.grad, fast.grad, rtol=1e-3, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
