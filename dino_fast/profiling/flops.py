@@ -7,9 +7,9 @@ projection, MLP, and the DINO head with its last layer; not norms, softmax, GELU
 optimizer or the EMA. The backward pass counts twice the forward; recomputation (e.g. flash
 attention's) is not counted, since MFU measures the model's work, not the implementation's.
 """
-from dino_fast.models.vision_transformer import ARCH_DIMS
+from dino_fast.models.vision_transformer import ARCH_DEPTHS, ARCH_DIMS
 
-DEPTH, MLP_RATIO = 12, 4  # every ViT of DINO
+DEPTH, MLP_RATIO = 12, 4  # DINO's ViTs (vit_large: 24 blocks, ARCH_DEPTHS)
 
 
 def vit_forward_flops(embed_dim: int, image_size: int, patch_size: int = 16,
@@ -36,9 +36,9 @@ def dino_step_flops(arch: str = "vit_small", patch_size: int = 16, global_size: 
     """Model FLOPs of one training step per image: the student forward and backward (3x the
     forward) on the 2 global and ``local_crops`` local crops, and the teacher forward on the 2
     global crops."""
-    dim = ARCH_DIMS[arch][0]
+    dim, depth = ARCH_DIMS[arch][0], ARCH_DEPTHS[arch]
     head = head_forward_flops(dim, out_dim)
-    global_crop = vit_forward_flops(dim, global_size, patch_size) + head
-    local_crop = vit_forward_flops(dim, local_size, patch_size) + head
+    global_crop = vit_forward_flops(dim, global_size, patch_size, depth) + head
+    local_crop = vit_forward_flops(dim, local_size, patch_size, depth) + head
     student = 2 * global_crop + local_crops * local_crop
     return 3 * student + 2 * global_crop

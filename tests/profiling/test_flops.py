@@ -1,5 +1,5 @@
 """The FLOP count behind every MFU figure, against a hand count."""
-from dino_fast.profiling.flops import dino_step_flops
+from dino_fast.profiling.flops import dino_step_flops, head_forward_flops, vit_forward_flops
 
 
 def test_vit_small_16_dino_step_by_hand():
@@ -24,3 +24,14 @@ def test_scales_with_crops_and_arch():
     base = dino_step_flops("vit_small", local_crops=10)
     assert dino_step_flops("vit_small", local_crops=0) < base < dino_step_flops("vit_base")
     assert round(dino_step_flops("vit_base") / 1e9, 1) == 474.1
+
+
+def test_vit_large_counts_its_24_blocks():
+    """vit_large's backbone is 24 blocks of width 1024: its per-crop FLOPs are those of a
+    24-block ViT, not 12 (the head is the same function of the width)."""
+    step = dino_step_flops("vit_large", local_crops=0)
+    head = head_forward_flops(1024, 65536)
+    crop = vit_forward_flops(1024, 224, 16, depth=24) + head
+    assert step == 3 * 2 * crop + 2 * crop
+    twelve = vit_forward_flops(1024, 224, 16, depth=12) + head
+    assert step != 3 * 2 * twelve + 2 * twelve
