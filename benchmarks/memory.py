@@ -23,7 +23,7 @@ from dino_fast.models import (
     apply_activation_checkpointing,
     build_vit,
 )
-from dino_fast.profiling.saved_memory import SavedMemory
+from dino_fast.profiling.saved_memory import saved_bytes_per_image
 
 ACTIVATION_COLUMNS = ["arch", "images", "mode", "saved_MiB_per_image", "ratio_to_none"]
 STATE_COLUMNS = ["arch", "sharding", "world_size", "params_MiB", "grads_MiB", "adamw_MiB",
@@ -60,12 +60,7 @@ def crops(images: int, sizes: list[int]) -> list[torch.Tensor]:
 
 def saved_per_image(model, batch: list[torch.Tensor], mode: str) -> float:
     """Bytes the forward keeps for the backward, per image, with checkpointing ``mode``."""
-    apply_activation_checkpointing(model, mode)
-    with SavedMemory() as saved:
-        out = model(batch)
-        kept = saved.bytes
-    del out
-    return kept / batch[0].shape[0]
+    return saved_bytes_per_image(apply_activation_checkpointing(model, mode), batch)
 
 
 def activation_rows(arch: str, images: int, sizes: list[int], out_dim: int) -> list[dict]:

@@ -18,6 +18,8 @@ TINY_RUN = ["--arch", "vit_tiny", "--out_dim", "32", "--local_crops_number", "1"
             "--global_crops_size", "32", "--local_crops_size", "16", "--num_workers", "0",
             "--saveckp_freq", "0", "--warmup_epochs", "0", "--loader", "torch", "--device", "cpu",
             "--seed", "0", "--no-curves"]
+# Two steps that both move the weights: no lr warm-up, no stochastic depth, no frozen layer.
+TWO_STEPS = ["--epochs", "1", "--drop_path_rate", "0", "--freeze_last_layer", "0"]
 
 
 def make_images(folder, count: int, seed: int = 0):

@@ -52,3 +52,12 @@ def _storage_refs(tree) -> list:
     """Weak references to the storages of the strided tensors in ``tree``."""
     return [_Ref(leaf.untyped_storage()) for leaf in tree_leaves(tree)
             if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided]
+
+
+def saved_bytes_per_image(model, batch: list[torch.Tensor]) -> float:
+    """Bytes ``model``'s forward on the crops ``batch`` keeps for its backward, per image."""
+    with SavedMemory() as saved:
+        out = model(batch)
+        kept = saved.bytes
+    del out
+    return kept / batch[0].shape[0]

@@ -18,7 +18,7 @@ from dino_fast.models import (
     vit_small,
 )
 from dino_fast.models.packed import packed_multicrop_forward
-from dino_fast.profiling.saved_memory import SavedMemory
+from dino_fast.profiling.saved_memory import saved_bytes_per_image
 from tests.models.test_packed import make_crops, tiny_wrapper
 
 MODES = [m for m in ACTIVATION_CHECKPOINTING if m != "none"]
@@ -107,21 +107,13 @@ def test_unknown_modes_and_models_are_refused():
         apply_activation_checkpointing(torch.nn.Linear(2, 2), "blocks")
 
 
-def saved_bytes_per_image(model, crops, mode) -> float:
-    apply_activation_checkpointing(model, mode)
-    with SavedMemory() as saved:
-        out = model(crops)
-        bytes_ = saved.bytes
-    del out
-    return bytes_ / crops[0].shape[0]
-
-
 def test_blocks_keeps_at_most_a_quarter_of_the_activations_of_none():
     """The issue's goal, on vit_small/16 (one 224 px and two 96 px crops of one image, with a
     small head): ``blocks`` keeps <= 1/4 of the bytes ``none`` keeps, ``selective`` in between."""
     torch.manual_seed(0)
     model = MultiCropWrapper(vit_small(drop_path_rate=0.1), DINOHead(384, 1024))
     crops = [torch.randn(1, 3, 224, 224)] + [torch.randn(1, 3, 96, 96)] * 2
-    saved = {mode: saved_bytes_per_image(model, crops, mode) for mode in ACTIVATION_CHECKPOINTING}
+    saved = {mode: saved_bytes_per_image(apply_activation_checkpointing(model, mode), crops)
+             for mode in ACTIVATION_CHECKPOINTING}
     assert saved["blocks"] <= saved["none"] / 4, saved
     assert saved["blocks"] < saved["selective"] < saved["none"], saved

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from tests._training import (
     TINY_RUN,
+    TWO_STEPS,
     assert_same_state,
     free_port,
     load,
@@ -29,20 +30,18 @@ from tests._training import (
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
 
-# 8 images, global batch 4: two steps; no lr warm-up so both steps move the weights.
-FLAGS = ["--epochs", "1", "--drop_path_rate", "0", "--freeze_last_layer", "0"]
 
-
+# 8 images, global batch 4: two steps.
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     data = make_images(tmp_path / "images", 8)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "dino_fast.train", *TINY_RUN, "--data_path", data,
-           "--batch_size_per_gpu", "2", "--output_dir", tmp_path / "ddp", *FLAGS]
+           "--batch_size_per_gpu", "2", "--output_dir", tmp_path / "ddp", *TWO_STEPS]
     ddp = run([str(c) for c in cmd], timeout=150)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     run_in_process("--data_path", data, "--batch_size_per_gpu", "4",
-                   "--output_dir", tmp_path / "one", *FLAGS)
+                   "--output_dir", tmp_path / "one", *TWO_STEPS)
 
     got, want = load(tmp_path / "ddp" / "checkpoint.pth"), load(tmp_path / "one" / "checkpoint.pth")
     # fp32 sums in another order; AdamW divides by sqrt(v), so for near-zero gradients the
@@ -67,7 +66,7 @@ def test_torch_distributed_launch_runs_training(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "dino_fast.train", *TINY_RUN, "--data_path", data, "--batch_size_per_gpu", "4",
-           "--max_steps", "1", "--output_dir", tmp_path / "out", *FLAGS]
+           "--max_steps", "1", "--output_dir", tmp_path / "out", *TWO_STEPS]
     launched = run([str(c) for c in cmd], timeout=150)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert load(tmp_path / "out" / "checkpoint.pth")["epoch"] == 1

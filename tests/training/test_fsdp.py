@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from tests._training import (
     TINY_RUN,
+    TWO_STEPS,
     assert_same_state,
     free_port,
     load,
@@ -31,7 +32,6 @@ from tests._training import (
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
 
-FLAGS = ["--epochs", "1", "--drop_path_rate", "0", "--freeze_last_layer", "0"]
 GLOBAL_BATCH = 6
 SAME_WORLD_ATOL, OTHER_WORLD_ATOL = 1e-6, 4e-6
 
@@ -41,7 +41,7 @@ def torchrun(processes: int, data, out, *flags):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dino_fast.train",
            *TINY_RUN, "--data_path", data, "--batch_size_per_gpu", GLOBAL_BATCH // processes,
-           "--output_dir", out, *FLAGS, *flags]
+           "--output_dir", out, *TWO_STEPS, *flags]
     done = run([str(c) for c in cmd], timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return load(os.path.join(out, "checkpoint.pth"))
@@ -109,7 +109,7 @@ def stopped_after_one_step(runs, name, processes, *flags):
 def test_fsdp2_on_two_processes_resumes_in_one_process_with_ddp(runs):
     out = stopped_after_one_step(runs, "fsdp2-to-one", 2, "--sharding", "fsdp2")
     run_in_process("--data_path", runs.data, "--batch_size_per_gpu", GLOBAL_BATCH,
-                   "--output_dir", out, *FLAGS)
+                   "--output_dir", out, *TWO_STEPS)
     assert_same_state(load(out / "checkpoint.pth"), ddp(runs), atol=OTHER_WORLD_ATOL)
 
 
