@@ -24,6 +24,7 @@ from dino_fast.models import (
     build_vit,
 )
 from dino_fast.profiling.saved_memory import saved_bytes_per_image
+from dino_fast.training.sharding import SHARDINGS
 
 ACTIVATION_COLUMNS = ["arch", "images", "mode", "saved_MiB_per_image", "ratio_to_none"]
 STATE_COLUMNS = ["arch", "sharding", "world_size", "params_MiB", "grads_MiB", "adamw_MiB",
@@ -31,21 +32,27 @@ STATE_COLUMNS = ["arch", "sharding", "world_size", "params_MiB", "grads_MiB", "a
 MiB = 2 ** 20
 
 
-def state_bytes(model: torch.nn.Module, world_size: int, sharding: str = "ddp") -> dict:
-    """Bytes per process of ``model``'s training state, from its parameter shapes: fp32
-    parameters, gradients (trainable ones), two AdamW moments and the fp32 teacher copy. DDP
-    keeps a full replica on every process."""
-    params = sum(p.numel() for p in model.parameters()) * 4
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
-    if sharding == "ddp":
-        share = 1
-    elif sharding == "fsdp2":
-        raise NotImplementedError("state_bytes: the fsdp2 case (state sharded over world_size) "
-                                  "is not written yet")
-    else:
-        raise ValueError(f"sharding {sharding!r} is not ddp or fsdp2")
-    return {"params": params // share, "grads": trainable // share,
-            "adamw": 2 * trainable // share, "teacher": params // share}
+def state_bytes(model: torch.nn.Module, world_size: int, sharding: str = "ddp",
+                rank: int = 0) -> dict:
+    """Bytes process ``rank`` holds of ``model``'s training state, from its parameter shapes:
+    fp32 parameters, the gradients of the trainable ones, AdamW's two moments and step count
+    per trainable tensor, and the fp32 teacher copy. DDP keeps a full replica on every
+    process; FSDP2 splits each parameter along its first dimension as ``torch.chunk`` does
+    (chunks of ``ceil(rows / world_size)`` rows, so the first ranks hold the larger ones)."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding {sharding!r} is not one of {SHARDINGS}")
+
+    def held(p) -> int:  # elements of p on this rank
+        if sharding == "ddp":
+            return p.numel()
+        rows = -(-p.shape[0] // world_size)
+        return max(0, min(rows, p.shape[0] - rank * rows)) * (p.numel() // p.shape[0])
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = sum(held(p) for p in model.parameters()) * 4
+    grads = sum(held(p) for p in trainable) * 4
+    return {"params": params, "grads": grads, "adamw": 2 * grads + 4 * len(trainable),
+            "teacher": params}
 
 
 def student(arch: str, out_dim: int) -> MultiCropWrapper:

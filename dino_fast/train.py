@@ -160,8 +160,12 @@ def build_models(args, device):
                                                        use_bn=args.use_bn_in_head))
     student, teacher = student.to(device), teacher.to(device)
     if args.use_bn_in_head and dist_utils.is_dist():
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        else:  # PyTorch's SyncBatchNorm runs on GPUs only
+            log("--use_bn_in_head on the CPU: the head's BatchNorm statistics are per process "
+                "(SyncBatchNorm, which averages them over processes, needs CUDA)")
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -307,6 +311,9 @@ def parallelize(student, teacher, device, sharded: bool, args):
         if args.precision == "fp16":
             raise UserError("--sharding fsdp2 runs with --precision fp32 or bf16, not fp16 (its "
                             "loss scaler does not unscale sharded gradients)")
+        if args.compile and args.compile_mode == "reduce-overhead":
+            raise UserError("--sharding fsdp2 compiles each block between FSDP2's gathers, "
+                            "which CUDA graphs cannot capture: use another --compile_mode")
         if args.knn_every:
             raise UserError("--knn_every needs the whole teacher on rank 0: use --sharding ddp, "
                             "or run eval_knn on the checkpoint")

@@ -80,7 +80,8 @@ def assert_same_state(got: dict, want: dict, atol: float = 0.0):
     assert errors[-1][0] <= atol, f"largest differences (abs, tensor): {errors[-3:]}"
 
 
-def run(cmd, timeout=120, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``cmd`` to the end with the single-thread environment; output captured as text."""
-    return subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def run(cmd, timeout=120, extra_env=None, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to the end with the single-thread environment (plus ``extra_env``); output
+    captured as text."""
+    return subprocess.run(cmd, env={**single_thread_env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -23,7 +23,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from dino_fast.models.checkpointing import checkpointed
 from dino_fast.models.multicrop import MultiCropWrapper, _equal_size_runs
 from dino_fast.models.vision_transformer import Attention, Block, drop_path
 from dino_fast.ops import _backend
@@ -97,12 +96,6 @@ def _attention(attn: Attention, x: torch.Tensor, packing: Packing, mode: str) ->
     return attn.proj_drop(attn.proj(torch.cat(outs)))
 
 
-def _block(blk: Block, x: torch.Tensor, packing: Packing, mode: str) -> torch.Tensor:
-    """``Block.forward`` on packed tokens ``[total, dim]``, checkpointed as the block says."""
-    return checkpointed(blk.activation_checkpointing,
-                        partial(_block_forward, blk, packing=packing, mode=mode), x)
-
-
 def _block_forward(blk: Block, x: torch.Tensor, packing: Packing, mode: str) -> torch.Tensor:
     drop_prob = getattr(blk.drop_path, "drop_prob", 0.0)
     y = _attention(blk.attn, blk.norm1(x), packing, mode)
@@ -132,7 +125,8 @@ def packed_multicrop_forward(wrapper: MultiCropWrapper, crops, mode: str = "varl
     packing = packing_for(tuple(runs))
     x = torch.cat(tokens)  # (total, dim)
     for blk in backbone.blocks:
-        x = _block(blk, x, packing, mode)
+        # through the module call, checkpointed as the block says and with its hooks (FSDP2)
+        x = blk(x, body=partial(_block_forward, packing=packing, mode=mode))
     cls = torch.cat([run[:, 0] for run in packing.split(x)])  # (num_crops, dim), in crop order
     return wrapper.head(backbone.head(backbone.norm(cls)))
 

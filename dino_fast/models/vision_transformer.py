@@ -116,11 +116,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.activation_checkpointing = "none"  # see models/checkpointing.py
 
-    def forward(self, x, return_attention=False):
-        """The block's output tokens, or only its attention ``[B, heads, N, N]`` (as official)."""
+    def forward(self, x, return_attention=False, body=None):
+        """The block's output tokens, or only its attention ``[B, heads, N, N]`` (as official).
+        ``body(block, x)``, when given, computes the output tokens in place of the standard
+        body, checkpointed alike (the packed forward's); passing it through the module call
+        keeps the module's hooks, such as FSDP2's gathering of the block's parameters."""
         if return_attention:
             return self.attn(self.norm1(x), return_attention=True)[1]
-        return checkpointed(self.activation_checkpointing, self._forward, x)
+        function = self._forward if body is None else partial(body, self)
+        return checkpointed(self.activation_checkpointing, function, x)
 
     def _forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))

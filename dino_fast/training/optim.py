@@ -2,6 +2,7 @@
 clipping and freezing the last layer (official ``utils.py``)."""
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 
 def get_params_groups(model: nn.Module) -> list[dict]:
@@ -64,7 +65,10 @@ def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimiz
     fused one also skips a step on a device-side flag (``optimizer.found_inf``) without a host
     sync, which the training step uses to leave the weights untouched by a non-finite step.
     """
-    impl = {"fused": True} if fused_supported(params_groups) else {"foreach": True}
+    fused = fused_supported(params_groups)
+    if name == "sgd" and any(isinstance(p, DTensor) for g in params_groups for p in g["params"]):
+        fused = False  # FSDP2's DTensors have a sharding rule for fused AdamW, not fused SGD
+    impl = {"fused": True} if fused else {"foreach": True}
     if name == "adamw":
         return torch.optim.AdamW(params_groups, **impl)
     if name == "sgd":

@@ -15,7 +15,9 @@ kernel cannot skip on a device flag: its weights then turn NaN, but the loop che
 checkpoint, so no checkpoint holds them.)
 
 ``forward`` (the teacher and student forward passes, whose backward AOTAutograd compiles too)
-is what ``--compile`` hands to ``torch.compile(fullgraph=True)``. The loss, the optimizer and
+is what ``--compile`` hands to ``torch.compile(fullgraph=True)``; under FSDP2, whose hooks
+cannot be traced in one graph, each transformer block is compiled instead
+(:func:`compile_blocks`). The loss, the optimizer and
 the EMA stay eager: the loss and the EMA are one fused op each already, and the epoch (the
 teacher temperature), lr and weight decay change during training, which would make a compiled
 graph recompile.
@@ -33,7 +35,8 @@ from dino_fast.training.sharding import sharded_gradient_norms
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
-__all__ = ["COMPILE_MODES", "PRECISIONS", "NonFiniteLossError", "TrainStep", "loss_terms"]
+__all__ = ["COMPILE_MODES", "PRECISIONS", "NonFiniteLossError", "TrainStep", "compile_blocks",
+           "loss_terms"]
 
 
 class TrainStep:
@@ -55,8 +58,12 @@ class TrainStep:
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
-        self.forward = (torch.compile(self._forward, mode=compile_mode, fullgraph=True)
-                        if compile else self._forward)
+        self.forward = self._forward
+        if compile and sharded:  # FSDP2's hooks run eagerly, around compiled blocks
+            compile_blocks(student, compile_mode)
+            compile_blocks(teacher, compile_mode)
+        elif compile:
+            self.forward = torch.compile(self._forward, mode=compile_mode, fullgraph=True)
         self.cuda_graphs = compile and compile_mode == "reduce-overhead"
         self.watch = NonFiniteWatch(device)
         self._last = None  # the latest step's outputs, for the report of a non-finite step
@@ -157,6 +164,15 @@ class TrainStep:
         norms = self.gradient_norms(student, self.clip_grad)
         cancel_gradients_last_layer(epoch, student, self.freeze_last_layer)
         return norms
+
+
+def compile_blocks(model, mode: str = "default"):
+    """Compile each transformer block of ``model`` (a multi-crop wrapper) in place, with
+    ``nn.Module.compile``: regional compilation, which keeps the parameters' names. Blocks of
+    one shape share their compiled graphs; the modules' hooks (FSDP2's gathers) are graph
+    breaks around each block's graph, so they run eagerly."""
+    for block in model.backbone.blocks:
+        block.compile(mode=mode)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """``--sharding fsdp2`` through ``torchrun`` on Gloo (CPU, 127.0.0.1 only): the same run as DDP
-from the same initialisation, one checkpoint file in the official layout, and resumes across
-world sizes and shardings.
+from the same initialisation (with packed crops, a BatchNorm head, SGD, LARS and ``--compile``
+too), one checkpoint file in the official layout, resumes across world sizes and shardings, and
+the stops of the recipe (a non-finite step, a signal) on every process.
 
 12 images, global batch 6: two steps, no lr warm-up and no last-layer freezing, so both steps
 move every weight; drop path off (its draws differ per rank, see test_distributed.py).
@@ -12,7 +13,9 @@ which AdamW's division by sqrt(v) can grow for near-zero gradients to a fraction
 test_distributed.py, 4e-6.
 """
 import os
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ from tests._training import (
     run,
     run_in_process,
 )
+from tests.training.test_fault_tolerance import start_in_own_group, wait_for_line
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
@@ -125,3 +129,84 @@ def test_fsdp2_equals_ddp_on_three_processes_with_checkpointed_blocks(runs):
     want = runs("ddp3", 3)
     got = runs("fsdp2-3-blocks", 3, "--sharding", "fsdp2", "--activation_checkpointing", "blocks")
     assert_same_state(got, want, atol=SAME_WORLD_ATOL)
+
+
+def test_fsdp2_with_packed_crops_equals_ddp(runs):
+    """The packed forward calls each block as a module, so FSDP2 gathers its parameters; the
+    packed step equals the unpacked one (test_train_step.py), here within the same bound."""
+    got = runs("fsdp2-packed", 2, "--sharding", "fsdp2", "--pack_crops")
+    assert_same_state(got, ddp(runs), atol=SAME_WORLD_ATOL)
+
+
+def test_fsdp2_with_a_batchnorm_head_equals_ddp(runs):
+    """``--use_bn_in_head``: on the CPU the head's BatchNorm keeps per-process statistics under
+    both shardings (SyncBatchNorm needs CUDA; a line says so). SGD, not AdamW: the biases in
+    front of a BatchNorm have zero gradients up to rounding, which AdamW would turn into
+    lr-sized steps of either sign; SGD leaves rounding at rounding size."""
+    flags = ("--use_bn_in_head", "true", "--optimizer", "sgd")
+    want = runs("ddp-bn", 2, *flags)
+    got = runs("fsdp2-bn", 2, "--sharding", "fsdp2", *flags)
+    assert_same_state(got, want, atol=SAME_WORLD_ATOL)
+    assert any("running_mean" in name for name in got["student"])
+
+
+def test_fsdp2_compiles_each_block_and_equals_ddp(runs):
+    """``--compile`` under FSDP2 compiles the blocks (inductor), between FSDP2's eager hooks.
+    The first step compiles the three block variants (teacher without gradients, student on
+    global then on local crops: Dynamo logs the two after the first as recompiles); the second
+    step compiles nothing. Inductor fuses and reorders fp32 reductions (a few ulp per op), which
+    AdamW grows for near-zero gradients as the module docstring says: 2.8e-6 seen."""
+    out = runs.root / "fsdp2-compile"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dino_fast.train",
+           *TINY_RUN, "--data_path", runs.data, "--batch_size_per_gpu", GLOBAL_BATCH // 2,
+           "--output_dir", out, *TWO_STEPS, "--sharding", "fsdp2", "--compile"]
+    done = run([str(c) for c in cmd], timeout=300, extra_env={"TORCH_LOGS": "recompiles"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        recompiles = [line for line in done.stderr.splitlines()
+                      if line.startswith(f"[rank{rank}]:") and "Recompiling function" in line]
+        assert len(recompiles) <= 2, recompiles
+    assert_same_state(load(out / "checkpoint.pth"), ddp(runs), atol=OTHER_WORLD_ATOL)
+
+
+def test_fsdp2_with_lars_equals_ddp(runs):
+    """LARS's trust ratio takes the norms of whole parameters: on FSDP2's DTensors
+    ``torch.norm`` all-reduces the shards' parts, so the ratio is the one DDP computes."""
+    want = runs("ddp-lars", 2, "--optimizer", "lars")
+    assert_same_state(runs("fsdp2-lars", 2, "--sharding", "fsdp2", "--optimizer", "lars"), want,
+                      atol=SAME_WORLD_ATOL)
+
+
+def test_fsdp2_stops_every_process_at_a_non_finite_step(runs):
+    """lr 1e38 makes step 1 non-finite: every process stops at the check with the report, and
+    no checkpoint holds the step's state."""
+    out = runs.root / "fsdp2-nan"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dino_fast.train",
+           *TINY_RUN, "--data_path", runs.data, "--batch_size_per_gpu", GLOBAL_BATCH // 2,
+           "--output_dir", out, *TWO_STEPS, "--sharding", "fsdp2", "--lr", "1e38"]
+    done = run([str(c) for c in cmd], timeout=240)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "at step 1 (epoch 0); stopping" in done.stderr, done.stderr[-3000:]
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_fsdp2_stops_on_a_group_signal_with_a_checkpoint(tmp_path, runs):
+    """SIGTERM to the whole job (as Slurm sends it): the processes vote, finish the same step,
+    gather one checkpoint and say where it resumes. torchrun's own agent reports the signal
+    with a traceback of its own; the workers' stop is what is checked."""
+    data, out = make_images(tmp_path / "images", 48), tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dino_fast.train",
+           *TINY_RUN, "--data_path", data, "--batch_size_per_gpu", 2, "--epochs", 5,
+           "--output_dir", out, "--sharding", "fsdp2"]
+    proc = start_in_own_group([str(c) for c in cmd], tmp_path / "run.log")
+    wait_for_line(proc, "training vit_tiny")
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    ckpt = load(out / "checkpoint.pth")
+    assert ckpt["epoch"] < 5, "the run ended before the signal"
+    assert (f"stopped by a signal after step {ckpt['iteration']} of epoch {ckpt['epoch']}"
+            in stdout), stdout + (tmp_path / "run.log").read_text()[-3000:]
