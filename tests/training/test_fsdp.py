@@ -210,3 +210,22 @@ def test_fsdp2_stops_on_a_group_signal_with_a_checkpoint(tmp_path, runs):
     assert ckpt["epoch"] < 5, "the run ended before the signal"
     assert (f"stopped by a signal after step {ckpt['iteration']} of epoch {ckpt['epoch']}"
             in stdout), stdout + (tmp_path / "run.log").read_text()[-3000:]
+
+
+@pytest.mark.parametrize("flags,cause", [
+    (("--precision", "fp16"), "not fp16"),
+    (("--knn_every", "1"), "--knn_every needs the whole teacher"),
+    (("--compile", "--compile_mode", "reduce-overhead"), "which CUDA graphs cannot capture"),
+])
+def test_fsdp2_refuses_what_it_cannot_shard_with_one_line(runs, flags, cause):
+    """Each process says why in one ``error:`` line, before any step."""
+    out = runs.root / f"refused-{flags[0].strip('-')}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dino_fast.train",
+           *TINY_RUN, "--data_path", runs.data, "--batch_size_per_gpu", GLOBAL_BATCH // 2,
+           "--output_dir", out, *TWO_STEPS, "--sharding", "fsdp2", *flags]
+    done = run([str(c) for c in cmd], timeout=240)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(cause in line for line in errors), done.stderr[-3000:]
+    assert not (out / "checkpoint.pth").exists()
