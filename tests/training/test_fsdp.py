@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dino_fast.models import build_model
 from tests._training import (
     TINY_RUN,
     TWO_STEPS,
@@ -86,6 +87,7 @@ def test_fsdp2_equals_ddp_on_two_processes(runs, checkpointing):
 
 def test_the_fsdp2_checkpoint_is_one_file_in_the_official_layout(runs):
     runs("fsdp2-none", 2, "--sharding", "fsdp2", "--activation_checkpointing", "none")
+    ddp(runs)  # read below as a file: made here when this test runs alone
     out = runs.root / "fsdp2-none"
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.txt"]
     raw = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
@@ -97,6 +99,9 @@ def test_the_fsdp2_checkpoint_is_one_file_in_the_official_layout(runs):
                    for k, v in raw[part].items())
     assert sorted(raw["optimizer"]["state"]) == list(range(len(raw["optimizer"]["state"])))
     assert raw["world_size"] == 2 and raw["args"]["sharding"] == "fsdp2"
+    backbone = build_model(str(out / "checkpoint.pth"))  # as export, visualize and the evals
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, raw["teacher"][f"backbone.{name}"]), name
 
 
 def stopped_after_one_step(runs, name, processes, *flags):
