@@ -8,8 +8,10 @@ model card (``README.md``), and loads offline with
 projection split into ``query``, ``key`` and ``value``. Writing needs safetensors only;
 ``transformers`` is needed for the check that loads the folder back.
 """
+import importlib
 import json
 import os
+import sys
 
 import torch
 
@@ -125,13 +127,39 @@ def write_hf_folder(vit, folder: str, arch: str, epoch: int | None):
         f.write(model_card(arch, vit.patch_embed.patch_size, epoch))
 
 
+def import_hub_kernels_first():
+    """Import Hugging Face's ``kernels`` package, a dependency of transformers 5, before
+    transformers does. Run from a dino_fast checkout (``python -m`` and pytest put it first on
+    ``sys.path``), the checkout's ``kernels/`` folder, our Triton sources, has the same name and
+    would be imported in its place, failing transformers' model loading; theirs is imported
+    here with the checkout off the path. Nothing to do in an installed package, or when theirs
+    is not installed."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "kernels" in sys.modules or not os.path.isfile(os.path.join(checkout, "kernels",
+                                                                   "__init__.py")):
+        return
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+    if len(elsewhere) == len(sys.path):
+        return
+    saved, sys.path[:] = sys.path[:], elsewhere
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # not installed: transformers then does not import it either
+        pass
+    finally:
+        sys.path[:] = saved
+
+
 def check_hf(folder: str, vit) -> float | None:
     """Load ``folder`` with ``transformers.ViTModel`` (no missing or unexpected tensor allowed)
     and compare its CLS output with ``vit``'s; None when transformers is not installed."""
+    import_hub_kernels_first()
     try:
         from transformers import ViTModel
-    except ImportError:
-        print("transformers is not installed: the export was not loaded back to check it")
+    except ImportError as err:
+        missing = isinstance(err, ModuleNotFoundError) and err.name == "transformers"
+        cause = "is not installed" if missing else f"cannot be imported ({err})"
+        print(f"transformers {cause}: the export was not loaded back to check it")
         return None
     model, info = ViTModel.from_pretrained(folder, add_pooling_layer=False,
                                            output_loading_info=True)

@@ -7,6 +7,10 @@ Triton before 3.8 has an interpreter that fails with numpy >= 2.4 (it calls ``in
 one-element arrays). pip cannot express that pair in setup.py (an environment marker cannot see
 another package's version), so on such a machine every test that runs Triton on the CPU is
 skipped, with the reason and the fix (``pip install 'numpy<2.4'`` or ``triton>=3.8``).
+
+The tests load exports in transformers as users do; pytest puts the checkout first on
+``sys.path``, where ``kernels/`` would shadow Hugging Face's ``kernels`` package that
+transformers imports, so that one is imported first (``import_hub_kernels_first``).
 """
 import os
 
@@ -17,7 +21,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from dino_fast.export.hf_export import import_hub_kernels_first  # noqa: E402
 from dino_fast.ops import _backend  # noqa: E402
+
+import_hub_kernels_first()
 
 
 def _major_minor(version: str) -> tuple[int, int]:

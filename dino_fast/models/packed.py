@@ -16,7 +16,7 @@ The result equals ``MultiCropWrapper.forward`` on the same crops (official ``uti
 training mode the drop decisions are still one per crop and follow the same distribution, but
 the random draws differ from the unpacked run. The layout (crop counts and token counts) is
 static, so the packed pass has no data-dependent branch and no host sync; its device metadata
-(``cu_seqlens``) is built once per layout and device and reused (:func:`packing_for`).
+(``cu_seqlens``) is built once per layout and device and reused (:meth:`Packing.cu_seqlens`).
 """
 from functools import partial
 
@@ -38,15 +38,21 @@ class Packing:
         self.runs = runs
         self.total = sum(count * length for count, length in runs)
         self.max_seqlen = max(length for _, length in runs)
-        self._cu_seqlens = {}
 
     def cu_seqlens(self, device: torch.device) -> torch.Tensor:
-        """int32 offsets ``[num_crops + 1]`` on ``device``, copied there once per device."""
-        if device not in self._cu_seqlens:
-            lengths = [length for count, length in self.runs for _ in range(count)]
+        """int32 offsets ``[num_crops + 1]`` on ``device``. Eagerly, copied there once per
+        layout and device (a copy from the host each step would wait for the device); under
+        ``torch.compile``, a constant of the graph, made on the device (a cache would be state
+        that the compiled graph guards on, and recompiles for once it is filled)."""
+        lengths = [length for count, length in self.runs for _ in range(count)]
+        if torch.compiler.is_compiling():
+            offsets = torch.tensor([0] + lengths, dtype=torch.int32, device=device)
+            return offsets.cumsum(0, dtype=torch.int32)
+        key = (self.runs, device)
+        if key not in _CU_SEQLENS:
             offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            self._cu_seqlens[device] = offsets.to(device)
-        return self._cu_seqlens[device]
+            _CU_SEQLENS[key] = offsets.to(device)
+        return _CU_SEQLENS[key]
 
     def split(self, x: torch.Tensor):
         """Views ``[count, length, ...]`` of packed ``x`` ``[total, ...]``, one per run (one
@@ -64,14 +70,7 @@ class Packing:
         return x * torch.cat([s.reshape(-1) for s in scales]).unsqueeze(1)  # (total, dim)
 
 
-_PACKINGS = {}  # layout -> Packing: a training run has one or two layouts
-
-
-def packing_for(runs: tuple) -> Packing:
-    """The cached :class:`Packing` of a layout ``((crops, tokens per crop), ...)``."""
-    if runs not in _PACKINGS:
-        _PACKINGS[runs] = Packing(runs)
-    return _PACKINGS[runs]
+_CU_SEQLENS = {}  # (layout, device) -> offsets: a training run has one or two layouts
 
 
 def _attention(attn: Attention, x: torch.Tensor, packing: Packing, mode: str) -> torch.Tensor:
@@ -122,7 +121,7 @@ def packed_multicrop_forward(wrapper: MultiCropWrapper, crops, mode: str = "varl
         tokens.append(x.reshape(-1, x.shape[-1]))
         runs.append(tuple(x.shape[:2]))
         start = end
-    packing = packing_for(tuple(runs))
+    packing = Packing(tuple(runs))
     x = torch.cat(tokens)  # (total, dim)
     for blk in backbone.blocks:
         # through the module call, checkpointed as the block says and with its hooks (FSDP2)

@@ -8,6 +8,7 @@ embeddings are randomised so that a wrong mapping of them shows.
 """
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -227,3 +228,18 @@ def test_a_checkpoint_that_is_not_one_is_one_line_saying_what_it_is(tmp_path, ca
                                             "--format", "safetensors",
                                             "--output", str(tmp_path / "w.safetensors")])
     assert "empty file" in line and not (tmp_path / "w.safetensors").exists()
+
+
+def test_hf_export_checks_itself_when_run_from_the_checkout(tmp_path):
+    """``python -m dino_fast.export`` from the repository root, as a user of ``pip install -e .``
+    runs it: the checkout's ``kernels/`` folder is first on ``sys.path``, and transformers 5
+    imports Hugging Face's ``kernels`` package; the check still loads the export back."""
+    pytest.importorskip("transformers")
+    torch.save(official_backbone(random_vit("vit_tiny", 16, None)), tmp_path / "backbone.pth")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "dino_fast.export", "--checkpoint",
+                           str(tmp_path / "backbone.pth"), "--format", "hf", "--output",
+                           str(tmp_path / "hf")], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transformers ViTModel vs dino_fast" in done.stdout, done.stdout + done.stderr[-2000:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dino_fast.models import DINOHead, MultiCropWrapper, VisionTransformer
-from dino_fast.models.packed import Packing, packed_multicrop_forward, packing_for
+from dino_fast.models.packed import Packing, packed_multicrop_forward
 from dino_fast.models.vision_transformer import drop_path
 from dino_fast.ops import use_backend
 from tests.conftest import available_backends, device_for, triton_skip_reason
@@ -118,18 +118,24 @@ def test_drop_decisions_follow_the_unpacked_distribution():
         assert (off_diagonal - (1 - p) ** 2).abs().max() < 5 * pair_sigma, name
 
 
-def test_packing_metadata_is_built_once_per_layout():
-    """Item 8 of the GPU review: no host-to-device copy of the offsets per forward."""
-    model, crops = tiny_wrapper(), make_crops("cpu")
+def test_packing_offsets_are_copied_once_per_layout_and_are_constants_when_compiled():
+    """Item 8 of the GPU review: no host-to-device copy of the offsets per eager forward. Under
+    torch.compile no cache either: a cache is state that Dynamo guards on, so the second step
+    recompiled once it was filled (issue 23); error_on_recompile holds that."""
     layout = ((4, 17), (6, 5))  # 2 x 2 crops of 17 tokens, 3 x 2 crops of 5
-    packed_multicrop_forward(model, crops, "sdpa_split")
-    packing = packing_for(layout)
-    packed_multicrop_forward(model, crops, "sdpa_split")
-    assert packing_for(layout) is packing
-    offsets = packing.cu_seqlens(torch.device("cpu"))
-    assert offsets is packing.cu_seqlens(torch.device("cpu"))
-    assert offsets.dtype == torch.int32
-    assert offsets.tolist() == [0, 17, 34, 51, 68, 73, 78, 83, 88, 93, 98]
+    want = [0, 17, 34, 51, 68, 73, 78, 83, 88, 93, 98]
+    offsets = Packing(layout).cu_seqlens(torch.device("cpu"))
+    assert offsets is Packing(layout).cu_seqlens(torch.device("cpu"))
+    assert offsets.dtype == torch.int32 and offsets.tolist() == want
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda x: x + Packing(layout).cu_seqlens(x.device),
+                                 fullgraph=True, backend="aot_eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                assert compiled(torch.zeros(11, dtype=torch.int32)).tolist() == want
+    finally:
+        torch._dynamo.reset()
 
 
 def test_attention_dropout_is_refused():

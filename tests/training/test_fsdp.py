@@ -231,6 +231,6 @@ def test_fsdp2_refuses_what_it_cannot_shard_with_one_line(runs, flags, cause):
            "--output_dir", out, *TWO_STEPS, "--sharding", "fsdp2", *flags]
     done = run([str(c) for c in cmd], timeout=240)
     assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all(cause in line for line in errors), done.stderr[-3000:]
+    # one line from each process (their writes may land on one line of the shared stderr)
+    assert done.stderr.count("error: ") == done.stderr.count(cause) == 2, done.stderr[-3000:]
     assert not (out / "checkpoint.pth").exists()
