@@ -25,6 +25,7 @@ from benchmarks.common import print_table, write_results
 from benchmarks.memory import student
 from dino_fast.models import ARCHS
 from dino_fast.models.checkpoint import save_atomic
+from dino_fast.training.distributed import run_command
 from dino_fast.training.optim import build_optimizer, get_params_groups
 from dino_fast.training.sharding import full_training_state, shard_student_and_teacher
 
@@ -105,4 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,8 +19,10 @@ markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` 
    fp32) against the fast bf16 default on the same crops (:mod:`benchmarks.train_parity`).
 3. headline (:mod:`benchmarks.train_step`, synthetic crops on the GPU): ViT-S/16,
    2 x 224 + 10 x 96, K = 65536, bf16, batch 64, one command a row: official, fast eager (with
-   the profiler's kernel and sync counts), fast compiled (``default``), fast compiled
-   ``reduce-overhead`` (CUDA graphs), packed crops.
+   the profiler's kernel and sync counts), fast compiled (``default``, the whole forward), fast
+   compiled per block (``--compile_scope blocks``: regional compilation), fast compiled
+   ``reduce-overhead`` (CUDA graphs), packed crops. Each row has its first step's seconds: the
+   cold compile of a compiled one.
 4. ops (:mod:`benchmarks.ops` ``--quick``): attention at ``[128, 6, 197, 64]``,
    ``[640, 6, 37, 64]`` and packed ``64 x (2 x 197 + 10 x 37)`` against SDPA with each backend
    forced (and xformers when installed); the DINO loss at K = 65536, batch 64, 12 crops against
@@ -36,16 +38,19 @@ markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` 
    when it is installed (images/s of the second epoch, from its progress bar).
 
 Plan for 9 minutes on an H100 (seconds; ``--budget`` scales every share; time a command leaves
-unused passes to the next; 520 planned, 20 spare): environment a few, outside the plan; smoke 60
-(tests 25, reference 15, fast 20); headline 255 (the runner's ``--help`` 5; official 35, fast 30,
-compiled 90 (one cold inductor compile of teacher and student: likely 60-150 s cold, which is
-why it has the largest share), ``reduce-overhead`` 60 (a second compile plus graph capture),
-packed 30); ops 60 (attention 25, loss 20, EMA 15); kernel tests 90 (compiling one candidate
-per kernel and key, no autotuning, most of it, and near zero with a warm Triton cache; measured
-without a GPU with ``python -m benchmarks.kernel_resources --set pinned-tests``: 143 sm_90
-compilations, median 6.9 s each on a loaded 2-core CPU, shared over the xdist workers; a cold
-run without xdist may time out, and a second run with the same ``--out`` starts warm);
-inference 40; loaders 25 (corpus 10, torch 15; DALI takes what is left). The batch-128 rows and
+unused passes to the next; 535 planned, 5 spare): environment a few, outside the plan; smoke 60
+(tests 25, reference 15, fast 20); headline 280 (the runner's ``--help`` 5; official 35, fast
+30, compiled 90 (one cold inductor compile of teacher and student: likely 60-150 s cold, which
+is why it has the largest share), compiled per block 30, ``reduce-overhead`` 60 (a second
+compile plus graph capture), packed 30); ops 50 (attention 20, loss 15, EMA 15); kernel tests
+90 (compiling one candidate per kernel and key, no autotuning, most of it, and near zero with a
+warm Triton cache; measured without a GPU with ``python -m benchmarks.kernel_resources --set
+pinned-tests``: 143 sm_90 compilations, median 6.9 s each on a loaded 2-core CPU, shared over
+the xdist workers; a cold run without xdist may time out, and a second run with the same
+``--out`` starts warm); inference 35; loaders 25 (corpus 10, torch 15; DALI takes what is
+left). The per-block share comes from the CPU (inductor's C++ backend, ViT-S/16, 12 crops):
+cold, the whole forward took 78 s and 1612 generated kernels, the blocks 31 s and 230
+(``benchmarks/results/2026-12-06-cpu.md``). The batch-128 rows and
 ``max-autotune`` do not fit and are dropped. Triton's cache and autotuning results
 (``DIR/triton-cache``: ``TRITON_CACHE_DIR``, ``TRITON_CACHE_AUTOTUNING=1``) and inductor's
 (``DIR/inductor-cache``) stay under ``--out``, so a second run compiles less.
@@ -274,7 +279,7 @@ def stage_kernel_tests(suite: Suite):
 
 def stage_ops(suite: Suite):
     size = ["--tiny", "--no_compile"] if suite.dry else ["--quick"]
-    for op, seconds in (("attention", 25), ("loss", 20), ("ema", 15)):
+    for op, seconds in (("attention", 20), ("loss", 15), ("ema", 15)):
         json_path = suite.path("ops", f"{op}.json")
         job = Job(op, "benchmarks.ops", [*size, "--ops", op, "--json", json_path], seconds,
                   env=suite.triton_env)
@@ -302,9 +307,12 @@ def step_jobs(suite: Suite, flags: set[str]) -> list[tuple[Job, str]]:
     plans = [("official", ["--configs", "official"], 35),
              ("fast", ["--configs", "fast", *counts], 30)]
     if not suite.dry:
-        plans += [("compile", ["--configs", "fast+compile", "--compile_mode", "default"], 90),
-                  ("reduce-overhead", ["--configs", "fast+compile", "--compile_mode",
-                                       "reduce-overhead"], 60)]
+        plans.append(("compile", ["--configs", "fast+compile", "--compile_mode", "default"], 90))
+        if "--compile_scope" in flags:  # regional: each block, a shorter cold compile
+            plans.append(("compile-blocks", ["--configs", "fast+compile", "--compile_mode",
+                                             "default", "--compile_scope", "blocks"], 30))
+        plans.append(("reduce-overhead", ["--configs", "fast+compile", "--compile_mode",
+                                          "reduce-overhead"], 60))
     if "--pack_crops" in flags:
         plans.append(("packed", ["--configs", "fast", "--pack_crops", *counts], 30))
     jobs = []
@@ -370,7 +378,7 @@ def stage_inference(suite: Suite, env: dict):
         args = ["--arch", "vit_small", "--batch_sizes", "1", "32", "--repeats", "10",
                 "--no_compile", "--onnx", "fp32", *(["fp16"] if cuda_ort else [])]
     result = suite.run("inference", Job("inference", "benchmarks.inference",
-                                        [*args, "--json", json_path], 40))
+                                        [*args, "--json", json_path], 35))
     suite.add_rows("inference", result, read_rows(json_path, result.output())
                    if result.ok else [])
 

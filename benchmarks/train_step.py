@@ -15,9 +15,13 @@ Configurations, measured in one run:
   flat-buffer EMA, no host sync (the non-finite check every ``--check_every`` steps, amortised
   in the sync column), ``--precision`` (auto: bf16 on CUDA), packed crops with ``--pack_crops``;
 * ``fast+pack``: ``fast`` with packed crops whatever ``--pack_crops`` says;
-* ``fast+compile``: ``fast`` with ``torch.compile(mode=--compile_mode, fullgraph=True)``; its
+* ``fast+compile``: ``fast`` with ``torch.compile(mode=--compile_mode)`` over the whole forward
+  (``--compile_scope forward``, ``fullgraph=True``) or each transformer block (``blocks``); its
   row also gives the kernels inductor generated (forward and backward graphs, each run once per
   step).
+
+``first_step_s`` is the wall time of each row's first step: with ``fast+compile``, the cold
+compile (run with an empty inductor cache to measure it: ``TORCHINDUCTOR_CACHE_DIR``).
 
 ``host_cpu_ms`` is the CPU time this process spent per step (median): on a GPU the host's
 launch work, on a shared CPU a measure that other processes' load does not inflate (run with
@@ -40,9 +44,9 @@ dense matmul rate measured on an H100/H200 (../shared/GPU.md).
         --out_dim 65536 --precision bf16 --pack_crops --compile_mode default --json out.json
 
 ``--json PATH`` writes ``{"environment": {...}, "args": {...}, "rows": [{config, arch, batch,
-crops, K, precision, pack, compile_mode, step_ms, host_cpu_ms, images_s, speedup,
-gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels,
-gpu_kernels_per_step, cuda_syncs_per_step}, ...]}`` (absent values are null).
+crops, K, precision, pack, compile_mode, compile_scope, step_ms, host_cpu_ms, images_s,
+speedup, gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels,
+gpu_kernels_per_step, cuda_syncs_per_step, first_step_s}, ...]}`` (absent values are null).
 """
 import argparse
 import json
@@ -64,12 +68,17 @@ from dino_fast.train import build_models, build_parser  # noqa: E402
 from dino_fast.training.ema import TeacherEMA  # noqa: E402
 from dino_fast.training.loss import DINOLoss  # noqa: E402
 from dino_fast.training.optim import build_optimizer, get_params_groups  # noqa: E402
-from dino_fast.training.step import COMPILE_MODES, PRECISIONS, TrainStep  # noqa: E402
+from dino_fast.training.step import (  # noqa: E402
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    PRECISIONS,
+    TrainStep,
+)
 
 PEAK_TFLOPS = 790.0
 COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "host_cpu_ms",
            "images_s", "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels",
-           "gpu_kernels_per_step", "cuda_syncs_per_step"]
+           "gpu_kernels_per_step", "cuda_syncs_per_step", "first_step_s"]
 
 
 class PerParameterEMA:
@@ -114,7 +123,8 @@ def build_step(args, device, cfg):
         ema, optimizer = TeacherEMA(student, teacher), build_optimizer("adamw", groups)
     loss = DINOLoss(args.out_dim, args.local_crops + 2, 0.04, 0.04, 0, 10).to(device)
     step = TrainStep(student, teacher, loss, optimizer, ema, precision=cfg["precision"],
-                     compile=cfg["compile"], compile_mode=args.compile_mode)
+                     compile=cfg["compile"], compile_mode=args.compile_mode,
+                     compile_scope=args.compile_scope)
     if cfg["official"]:
         step.gradient_norms = official_clip_gradients
     return step
@@ -156,7 +166,12 @@ def run_config(args, device, name, cfg, crops) -> dict:
             state["host_s"].append(time.process_time() - start)
 
         kernels_before = _generated_kernels()
-        ms = measure(one_step, warmup=2, repeats=args.repeats, device=device)
+        started = time.perf_counter()
+        one_step()  # the first step: a compiled row's cold compile
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first_step_s = time.perf_counter() - started
+        ms = measure(one_step, warmup=1, repeats=args.repeats, device=device)
         kernels = _generated_kernels() - kernels_before if cfg["compile"] else None
         ops = syncs = gpu_kernels = cuda_syncs = None
         if not cfg["compile"]:  # a dispatch mode stops compiled frames from running at all
@@ -172,6 +187,8 @@ def run_config(args, device, name, cfg, crops) -> dict:
             "K": args.out_dim, "precision": cfg["precision"],
             "pack": args.pack_attention if cfg["pack"] else "off",
             "compile_mode": args.compile_mode if cfg["compile"] else None,
+            "compile_scope": args.compile_scope if cfg["compile"] else None,
+            "first_step_s": first_step_s,
             "step_ms": ms, "images_s": images_s, "gflop_per_image": gflop,
             "host_cpu_ms": 1e3 * statistics.median(state["host_s"][-args.repeats:]),
             "mfu_pct": (100 * images_s * gflop / 1e3 / PEAK_TFLOPS
@@ -258,6 +275,8 @@ def parse_args(argv=None):
                         help="the fast configurations run the student packed")
     parser.add_argument("--pack_attention", default="sdpa_split", choices=PACK_ATTENTION)
     parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--compile_scope", default="forward", choices=COMPILE_SCOPES,
+                        help="fast+compile: the whole forward as one graph, or each block")
     parser.add_argument("--check_every", type=int, default=10,
                         help="fast configurations: steps between non-finite checks")
     parser.add_argument("--gpu_counts", action="store_true",
@@ -295,8 +314,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"environment": environment(), "args": vars(args),
-                       "rows": [{c: row.get(c) for c in COLUMNS + ["compile_mode",
-                                                                   "gflop_per_image"]}
+                       "rows": [{c: row.get(c) for c in COLUMNS + [
+                           "compile_mode", "compile_scope", "gflop_per_image"]}
                                 for row in rows]}, f, indent=1)
 
 

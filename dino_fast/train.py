@@ -44,7 +44,13 @@ from dino_fast.training.sharding import (
     shard_student_and_teacher,
 )
 from dino_fast.training.signals import StopRequest
-from dino_fast.training.step import COMPILE_MODES, PRECISIONS, NonFiniteLossError, TrainStep
+from dino_fast.training.step import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    PRECISIONS,
+    NonFiniteLossError,
+    TrainStep,
+)
 from dino_fast.training.step_meters import StepMeters
 
 
@@ -91,9 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", default=10, type=int, help="capped at the CPU count")
     add_launcher_args(p)
     # dino_fast
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward and loss")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward passes (what: --compile_scope)")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile_scope", default="auto", choices=["auto", *COMPILE_SCOPES],
+                   help="with --compile: forward (teacher and student forwards as one graph) "
+                        "or blocks (each transformer block: a shorter cold compile); auto: "
+                        "forward, blocks under --sharding fsdp2")
     p.add_argument("--attn_backend", default="sdpa", choices=ATTN_BACKENDS)
     p.add_argument("--pack_crops", action="store_true",
                    help="student: all crops' tokens as one sequence (off by default until a "
@@ -234,7 +245,9 @@ def train_in_output_dir(args, device) -> dict:
     optimizer = build_optimizer(args.optimizer, get_params_groups(student_module))
     step = TrainStep(student, teacher, dino_loss, optimizer, ema, precision=args.precision,
                      clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
-                     compile=args.compile, compile_mode=args.compile_mode, sharded=sharded)
+                     compile=args.compile, compile_mode=args.compile_mode,
+                     compile_scope=None if args.compile_scope == "auto" else args.compile_scope,
+                     sharded=sharded)
 
     warmup_epochs = min(args.warmup_epochs, args.epochs)
     lr_schedule = cosine_scheduler(args.lr * args.batch_size_per_gpu * world / 256.0,
@@ -311,6 +324,9 @@ def parallelize(student, teacher, device, sharded: bool, args):
         if args.precision == "fp16":
             raise UserError("--sharding fsdp2 runs with --precision fp32 or bf16, not fp16 (its "
                             "loss scaler does not unscale sharded gradients)")
+        if args.compile and args.compile_scope == "forward":
+            raise UserError("--sharding fsdp2 compiles each block (FSDP2's gathers cannot be "
+                            "traced into one graph): use --compile_scope blocks or auto")
         if args.compile and args.compile_mode == "reduce-overhead":
             raise UserError("--sharding fsdp2 compiles each block between FSDP2's gathers, "
                             "which CUDA graphs cannot capture: use another --compile_mode")
@@ -440,4 +456,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    dist_utils.run_command(main)

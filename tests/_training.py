@@ -33,9 +33,11 @@ def make_images(folder, count: int, seed: int = 0):
 
 
 def single_thread_env() -> dict:
-    """The environment for training subprocesses: one OpenMP thread, loopback-only Gloo."""
+    """The environment for training subprocesses: one OpenMP thread, loopback-only Gloo, and
+    Python's fault handler (an abort, seen rarely when a Gloo process exits, then shows where
+    each thread was)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # a crash shows its Python stack
     env.pop("TRITON_INTERPRET", None)  # CPU runs dispatch to cpp/reference, never the interpreter
     return env
 

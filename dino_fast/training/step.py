@@ -14,10 +14,13 @@ training. With fp16 the loss scaler skips the NaN gradients itself. (An optimize
 kernel cannot skip on a device flag: its weights then turn NaN, but the loop checks before every
 checkpoint, so no checkpoint holds them.)
 
-``forward`` (the teacher and student forward passes, whose backward AOTAutograd compiles too)
-is what ``--compile`` hands to ``torch.compile(fullgraph=True)``; under FSDP2, whose hooks
-cannot be traced in one graph, each transformer block is compiled instead
-(:func:`compile_blocks`). The loss, the optimizer and
+With ``--compile``, ``compile_scope`` says what is compiled. ``forward``: the teacher and student
+forward passes (whose backward AOTAutograd compiles too), handed whole to
+``torch.compile(fullgraph=True)``: one large graph, compiled once. ``blocks``: each transformer
+block, in place (:func:`compile_blocks`, regional compilation as DINOv3 does): the blocks of one
+shape share a few small graphs, so the cold compile is shorter, while the patch embedding, the
+head and the module hooks between the blocks run eagerly. FSDP2's hooks cannot be traced into
+one graph, so a sharded step compiles ``blocks``. The loss, the optimizer and
 the EMA stay eager: the loss and the EMA are one fused op each already, and the epoch (the
 teacher temperature), lr and weight decay change during training, which would make a compiled
 graph recompile.
@@ -34,19 +37,22 @@ from dino_fast.training.sharding import sharded_gradient_norms
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+COMPILE_SCOPES = ("forward", "blocks")
 
-__all__ = ["COMPILE_MODES", "PRECISIONS", "NonFiniteLossError", "TrainStep", "compile_blocks",
-           "loss_terms"]
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PRECISIONS", "NonFiniteLossError", "TrainStep",
+           "compile_blocks", "loss_terms"]
 
 
 class TrainStep:
     """Callable running one iteration; holds the models, loss, optimizer, EMA and precision.
     ``sharded``: the models are FSDP2-sharded (``dino_fast.training.sharding``), and ``ema`` is
-    then a :class:`~dino_fast.training.sharding.ShardedTeacherEMA`."""
+    then a :class:`~dino_fast.training.sharding.ShardedTeacherEMA`. ``compile_scope`` (with
+    ``compile``): ``forward`` or ``blocks`` (the module docstring); None picks ``blocks`` when
+    ``sharded``, else ``forward``."""
 
     def __init__(self, student, teacher, dino_loss, optimizer, ema, precision="fp32",
                  clip_grad=3.0, freeze_last_layer=1, compile=False, compile_mode="default",
-                 sharded=False):
+                 compile_scope=None, sharded=False):
         self.student, self.teacher, self.dino_loss = student, teacher, dino_loss
         # FSDP2 (``sharded``): each gradient is a shard, its norm needs the other processes'
         self.gradient_norms = sharded_gradient_norms if sharded else gradient_norms
@@ -58,8 +64,14 @@ class TrainStep:
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
+        compile_scope = compile_scope or ("blocks" if sharded else "forward")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile scope {compile_scope!r} is not one of {COMPILE_SCOPES}")
+        if compile and sharded and compile_scope == "forward":
+            raise ValueError("FSDP2's hooks cannot be traced into one graph: compile the "
+                             "blocks (compile_scope='blocks')")
         self.forward = self._forward
-        if compile and sharded:  # FSDP2's hooks run eagerly, around compiled blocks
+        if compile and compile_scope == "blocks":  # module hooks run eagerly, between blocks
             compile_blocks(student, compile_mode)
             compile_blocks(teacher, compile_mode)
         elif compile:
@@ -167,10 +179,11 @@ class TrainStep:
 
 
 def compile_blocks(model, mode: str = "default"):
-    """Compile each transformer block of ``model`` (a multi-crop wrapper) in place, with
-    ``nn.Module.compile``: regional compilation, which keeps the parameters' names. Blocks of
-    one shape share their compiled graphs; the modules' hooks (FSDP2's gathers) are graph
-    breaks around each block's graph, so they run eagerly."""
+    """Compile each transformer block of ``model`` (a multi-crop wrapper, or DDP over one) in
+    place, with ``nn.Module.compile``: regional compilation, which keeps the parameters' names.
+    Blocks of one shape share their compiled graphs; the modules' hooks (FSDP2's gathers) are
+    graph breaks around each block's graph, so they run eagerly."""
+    model = getattr(model, "module", model)  # unwrap DDP
     for block in model.backbone.blocks:
         block.compile(mode=mode)
 

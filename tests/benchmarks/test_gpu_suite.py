@@ -147,8 +147,8 @@ def test_every_command_of_the_gpu_plan_parses(tmp_path, monkeypatch):
     from dino_fast.cli.flags import check_train_args
     jobs = gpu_plan(tmp_path, monkeypatch)
     names = {job.name for job in jobs}
-    assert {"smoke-tests", "kernel-tests", "official", "fast", "compile", "reduce-overhead",
-            "packed", "loader-torch", "inference"} <= names, names
+    assert {"smoke-tests", "kernel-tests", "official", "fast", "compile", "compile-blocks",
+            "reduce-overhead", "packed", "loader-torch", "inference"} <= names, names
     fast = next(job for job in jobs if job.name == "fast")
     assert "--gpu_counts" in fast.args  # the launch counts where the goals are set
     parse = argparse.ArgumentParser.parse_args
@@ -177,16 +177,18 @@ def test_plan_prints_the_headline_first_within_the_budget(tmp_path, capsys):
     assert len(lines) == len(planned) + 1 and "in all" in lines[-1]
     names = [job.name for _, job, _ in planned]
     assert names[:3] == ["smoke-tests", "reference", "fast-bf16-default"]
-    headline = ["official", "fast", "compile", "reduce-overhead", "packed"]
-    assert names[3:8] == headline and names.index("packed") < names.index("attention")
+    headline = ["official", "fast", "compile", "compile-blocks", "reduce-overhead", "packed"]
+    assert names[3:9] == headline and names.index("packed") < names.index("attention")
     assert names.index("attention") < names.index("kernel-tests")
-    for _, job, _ in planned[3:8]:
+    for _, job, _ in planned[3:9]:
         assert job.module == "benchmarks.train_step"
         assert job.args[job.args.index("--batch") + 1] == "64"
         assert job.args[job.args.index("--precision") + 1] == "bf16"
     modes = [job.args[job.args.index("--compile_mode") + 1] for _, job, _ in planned
              if "--compile_mode" in job.args]
-    assert modes == ["default", "reduce-overhead"]
+    assert modes == ["default", "default", "reduce-overhead"]
+    blocks = planned[6][1].args
+    assert blocks[blocks.index("--compile_scope") + 1] == "blocks"
     assert sum(seconds for _, _, seconds in planned) <= 540
     assert (tmp_path / "results.jsonl").read_text() == ""  # nothing ran
     assert not os.path.exists(tmp_path / "headline" / "official.json")

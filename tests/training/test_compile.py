@@ -52,3 +52,24 @@ def test_train_step_compiles_once_across_epochs():
                   for epoch in range(3)]
     assert torch.stack(losses).isfinite().all()
 
+
+
+@pytest.mark.parametrize("pack", [None, "varlen"])
+def test_inductor_step_equals_eager_and_compiles_once(pack):
+    """``--compile`` as training runs it: inductor (C++ code on the CPU), not ``aot_eager``,
+    unpacked and packed varlen. After the first step nothing recompiles as the epoch, lr, weight
+    decay and momentum change (``error_on_recompile``), and three steps give the eager step's
+    losses and weights: SGD, linear in the gradients, keeps inductor's reordered fp32 sums at
+    rounding size (1e-5)."""
+    from tests.training.test_train_step import make_crops, make_step, state
+    eager, compiled = make_step(pack, "sgd"), make_step(pack, "sgd", compile=True)
+    schedule = [(0, 0.1, 0.04, 0.9), (1, 0.05, 0.05, 0.95), (1, 0.02, 0.06, 0.99)]
+    for it, (epoch, lr, wd, momentum) in enumerate(schedule):
+        with torch._dynamo.config.patch(error_on_recompile=it > 0):
+            got = compiled(make_crops(it), epoch, lr, wd, momentum, it)["loss"]
+        want = eager(make_crops(it), epoch, lr, wd, momentum, it)["loss"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, want = state(compiled), state(eager)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")

@@ -221,10 +221,11 @@ def test_fsdp2_stops_on_a_group_signal_with_a_checkpoint(tmp_path, runs):
     (("--precision", "fp16"), "not fp16"),
     (("--knn_every", "1"), "--knn_every needs the whole teacher"),
     (("--compile", "--compile_mode", "reduce-overhead"), "which CUDA graphs cannot capture"),
+    (("--compile", "--compile_scope", "forward"), "use --compile_scope blocks or auto"),
 ])
 def test_fsdp2_refuses_what_it_cannot_shard_with_one_line(runs, flags, cause):
     """Each process says why in one ``error:`` line, before any step."""
-    out = runs.root / f"refused-{flags[0].strip('-')}"
+    out = runs.root / f"refused-{flags[-1].strip('-')}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dino_fast.train",
            *TINY_RUN, "--data_path", runs.data, "--batch_size_per_gpu", GLOBAL_BATCH // 2,

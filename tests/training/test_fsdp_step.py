@@ -84,6 +84,7 @@ def worker(rank: int, folder: str):
             json.dump(result, f)
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # no interpreter finalization with FSDP2 modules alive: see run_command
 
 
 @pytest.fixture(scope="module")

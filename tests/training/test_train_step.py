@@ -161,11 +161,15 @@ def test_compiled_forward_is_one_graph(pack):
         torch._dynamo.reset()
 
 
-def test_compile_mode_is_checked():
+def test_compile_mode_and_scope_are_checked():
     step = make_step()
+    parts = (step.student, step.teacher, step.dino_loss, step.optimizer, step.ema)
     with pytest.raises(ValueError, match="compile mode 'fast' is not one of"):
-        TrainStep(step.student, step.teacher, step.dino_loss, step.optimizer, step.ema,
-                  compile=True, compile_mode="fast")
+        TrainStep(*parts, compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="compile scope 'model' is not one of"):
+        TrainStep(*parts, compile=True, compile_scope="model")
+    with pytest.raises(ValueError, match="FSDP2's hooks cannot be traced"):
+        TrainStep(*parts, compile=True, compile_scope="forward", sharded=True)
 
 
 def test_training_stops_at_the_check_naming_the_first_non_finite_step(tmp_path, capsys):
