@@ -30,19 +30,13 @@ from dino_fast.models.checkpointing import ACTIVATION_CHECKPOINTING, apply_activ
 from dino_fast.models.packed import PACK_ATTENTION, PackedMultiCropWrapper
 from dino_fast.monitoring.monitor import add_monitor_args, build_monitor
 from dino_fast.training import distributed as dist_utils
-from dino_fast.training.ema import TeacherEMA
 from dino_fast.training.loss import DINOLoss
 from dino_fast.training.optim import build_optimizer, get_params_groups
+from dino_fast.training.parallel import parallelize, training_state
 from dino_fast.training.resume import check_output_dir, resume, start_position
 from dino_fast.training.run_lock import RunLock
 from dino_fast.training.schedules import cosine_scheduler
-from dino_fast.training.sharding import (
-    SHARDINGS,
-    ShardedTeacherEMA,
-    full_training_state,
-    load_training_state,
-    shard_student_and_teacher,
-)
+from dino_fast.training.sharding import SHARDINGS, load_training_state
 from dino_fast.training.signals import StopRequest
 from dino_fast.training.step import (
     COMPILE_MODES,
@@ -314,44 +308,6 @@ def train_in_output_dir(args, device) -> dict:
                 f"checkpoint: {ckpt_path}")
         monitor.close()
     return stats
-
-
-def parallelize(student, teacher, device, sharded: bool, args):
-    """``(student to train, student module, teacher, EMA)``: FSDP2-sharded models and their
-    sharded EMA when ``sharded``; else the flat-buffer EMA, and the student in DDP under
-    torchrun."""
-    if sharded:
-        if args.precision == "fp16":
-            raise UserError("--sharding fsdp2 runs with --precision fp32 or bf16, not fp16 (its "
-                            "loss scaler does not unscale sharded gradients)")
-        if args.compile and args.compile_scope == "forward":
-            raise UserError("--sharding fsdp2 compiles each block (FSDP2's gathers cannot be "
-                            "traced into one graph): use --compile_scope blocks or auto")
-        if args.compile and args.compile_mode == "reduce-overhead":
-            raise UserError("--sharding fsdp2 compiles each block between FSDP2's gathers, "
-                            "which CUDA graphs cannot capture: use another --compile_mode")
-        if args.knn_every:
-            raise UserError("--knn_every needs the whole teacher on rank 0: use --sharding ddp, "
-                            "or run eval_knn on the checkpoint")
-        student, teacher = shard_student_and_teacher(student, teacher, device, args.precision)
-        return student, student, teacher, ShardedTeacherEMA(student, teacher)
-    if args.sharding == "fsdp2":
-        log("--sharding fsdp2 with one process: nothing to shard, training as with ddp")
-    ema = TeacherEMA(student, teacher)  # flat buffers: before the optimizer and DDP
-    if not dist_utils.is_dist():
-        return student, student, teacher, ema
-    ddp = nn.parallel.DistributedDataParallel(
-        student, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, student, teacher, ema
-
-
-def training_state(student, teacher, optimizer, sharded: bool) -> dict:
-    """The ``student``, ``teacher`` and ``optimizer`` state dicts of a checkpoint, in the official
-    layout whatever the sharding (under FSDP2 gathered on rank 0: call on every rank)."""
-    if sharded:
-        return full_training_state(student, teacher, optimizer)
-    return {"student": student.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict()}
 
 
 def save_and_log(save_dict, stats, epoch, finished, args) -> dict:
