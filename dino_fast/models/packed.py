@@ -19,6 +19,7 @@ static, so the packed pass has no data-dependent branch and no host sync; its de
 (``cu_seqlens``) is built once per layout and device and reused (:meth:`Packing.cu_seqlens`).
 """
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,13 @@ class Packing:
         layout and device (a copy from the host each step would wait for the device); under
         ``torch.compile``, a constant of the graph, made on the device (a cache would be state
         that the compiled graph guards on, and recompiles for once it is filled)."""
-        lengths = [length for count, length in self.runs for _ in range(count)]
+        offsets = list(accumulate((length for count, length in self.runs
+                                   for _ in range(count)), initial=0))
         if torch.compiler.is_compiling():
-            offsets = torch.tensor([0] + lengths, dtype=torch.int32, device=device)
-            return offsets.cumsum(0, dtype=torch.int32)
+            return torch.tensor(offsets, dtype=torch.int32, device=device)
         key = (self.runs, device)
         if key not in _CU_SEQLENS:
-            offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            _CU_SEQLENS[key] = offsets.to(device)
+            _CU_SEQLENS[key] = torch.tensor(offsets, dtype=torch.int32).to(device)
         return _CU_SEQLENS[key]
 
     def split(self, x: torch.Tensor):
