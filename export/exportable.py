@@ -75,10 +75,15 @@ class AttentionMapModel(nn.Module):
         one = torch.ones((), dtype=torch.float32)
         inv_r = torch.where(native, one, side / (rows_t + 0.1))
         inv_c = torch.where(native, one, side / (cols_t + 0.1))
-        patch_pos = pos[0, 1:].reshape(side, side, -1).permute(2, 0, 1)  # (dim, side, side)
-        resized = bicubic_matrix(rows, side, inv_r) @ patch_pos @ \
-            bicubic_matrix(cols, side, inv_c).T  # (dim, rows, cols)
-        patch_pos = resized.flatten(1).T.unsqueeze(0)  # (1, rows * cols, dim)
+        # Two rank-2 products, one per axis: OpenVINO's CPU plugin (2026.4) compiles no MatMul
+        # of a rank-2 and a rank-3 operand computed in the graph, and runs none that broadcasts
+        # a batch axis onto constant weights.
+        dim = pos.shape[-1]
+        patch_pos = pos[0, 1:].reshape(side, side * dim)  # (side rows, side cols * dim)
+        by_rows = bicubic_matrix(rows, side, inv_r) @ patch_pos  # (rows, side * dim)
+        by_rows = by_rows.reshape(rows, side, dim).transpose(0, 1).reshape(side, rows * dim)
+        resized = bicubic_matrix(cols, side, inv_c) @ by_rows  # (cols, rows * dim)
+        patch_pos = resized.reshape(cols, rows, dim).transpose(0, 1).reshape(1, rows * cols, dim)
         return torch.cat((pos[:, :1], patch_pos), dim=1)
 
     def forward(self, images: torch.Tensor):
