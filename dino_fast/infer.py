@@ -1,4 +1,5 @@
-"""``python -m dino_fast.infer``: attention maps and masks of images with ONNX Runtime.
+"""``python -m dino_fast.infer``: attention maps and masks of images with ONNX Runtime (or
+OpenVINO, ``--runtime openvino``).
 
 For each image (files, or folders searched recursively): resize (``--image_size``, rounded to a
 multiple of the patch size; scaled down to at most ``--max_pixels``), run the exported model
@@ -20,7 +21,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from dino_fast.cli.args import add_map_args, check_map_args, official_arch
+from dino_fast.cli.args import add_map_args, add_predictor_args, check_map_args, load_predictor
 from dino_fast.cli.errors import UserError, add_debug_flag, command, debug_requested, one_line
 from dino_fast.cli.flags import INFER, INFER_PATHS, validate_args
 from dino_fast.data import BadImageError
@@ -46,7 +47,7 @@ FAILURES = (OSError, MemoryError, *ORT_ERRORS)  # writing, memory, ONNX Runtime:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dino_fast.infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="an .onnx file from dino_fast.export")
+    add_predictor_args(parser)
     parser.add_argument("--images", nargs="+", required=True, help="image files and folders")
     parser.add_argument("--output_dir", default="attention_maps")
     add_map_args(parser, [480])
@@ -57,9 +58,6 @@ def parse_args(argv=None):
         f"attention fits in {MEMORY_BUDGET // 2**30} GiB (a third of this project's 24 GiB "
         f"machines): {pixel_budget(12, 8):,} pixels for vit_base/8, {pixel_budget(6, 16):,} for "
         "vit_small/16")
-    parser.add_argument("--patch_size", type=int, help="fail unless the model has this patch")
-    parser.add_argument("--arch", type=official_arch, help="fail unless the model is this arch")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime CPU threads")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_map_args(parser, args, INFER_PATHS)
@@ -75,18 +73,6 @@ def output_name(path: str, used: set[str]) -> str:
         name, n = f"{stem}_{n}", n + 1
     used.add(name)
     return name
-
-
-def load_predictor(args) -> AttentionMapPredictor:
-    """The model of ``--model`` in an ONNX Runtime session; a file that is not one of our ONNX
-    exports is a :class:`UserError` saying what it is."""
-    if not os.path.exists(args.model):
-        raise UserError(f"model not found: {args.model}")
-    try:
-        return AttentionMapPredictor(args.model, threads=args.threads,
-                                     patch_size=args.patch_size, arch=args.arch)
-    except ValueError as err:
-        raise UserError(str(err)) from err
 
 
 def pixel_limit(args, predictor: AttentionMapPredictor) -> int:

@@ -1,4 +1,5 @@
-"""ONNX Runtime serving of an exported DINO ViT: images in, CLS attentions and features out.
+"""ONNX Runtime (or OpenVINO) serving of an exported DINO ViT: images in, CLS attentions and
+features out.
 
 Uses the CUDA execution provider when ONNX Runtime has it (``pip install 'dino-fast[onnx-gpu]'``),
 else the CPU. On CUDA, the input, the outputs and the session live on ONE device, the session's
@@ -20,6 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 METADATA_PREFIX = "dino_fast."  # keys of the ONNX metadata written by the export
 OUTPUTS = ("attentions", "features")
+RUNTIMES = ("onnxruntime", "openvino")  # which library runs the graph (``runtime=``)
 CUDA_ATTENTION_ORT = (1, 25)  # the first ONNX Runtime with a CUDA kernel for ONNX Attention-23
 # What ONNX Runtime raises: one plain Exception subclass per status code (a damaged file, a
 # failed allocation, a kernel error), all defined in its binding module.
@@ -88,23 +90,32 @@ class AttentionMapPredictor:
     ``run(images)`` takes normalised images ``[B, 3, H, W]`` (NumPy or torch, float32, H and W
     multiples of the patch size) and returns NumPy ``attentions [B, heads, H/p * W/p]`` and
     ``features [B, dim]``. ``patch_size`` / ``arch``, when given, must match the model's.
+    ``runtime="openvino"`` runs it in OpenVINO on the CPU instead of ONNX Runtime (same outputs,
+    see :mod:`dino_fast.export.openvino_runtime`); ``providers`` is ONNX Runtime's.
     """
 
     def __init__(self, model_path: str, providers: list[str] | None = None,
                  threads: int | None = None, patch_size: int | None = None,
-                 arch: str | None = None):
+                 arch: str | None = None, runtime: str = "onnxruntime"):
         check_model_file(model_path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(model_path, options,
-                                                providers=providers or default_providers())
-        except ORT_ERRORS as err:
-            raise ValueError(f"cannot load {model_path} as an ONNX model (is it damaged or "
-                             f"truncated? export it again): {err}") from err
-        meta = {k.removeprefix(METADATA_PREFIX): v for k, v in
-                self.session.get_modelmeta().custom_metadata_map.items()}
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+        self.runtime = runtime
+        if runtime == "openvino":
+            from dino_fast.export.openvino_runtime import OpenVinoSession
+            self.session = OpenVinoSession(model_path, threads)
+            metadata = self.session.metadata
+            self.provider = "OpenVINO"
+        else:
+            self.session = _ort_session(model_path, providers, threads)
+            metadata = self.session.get_modelmeta().custom_metadata_map
+            self.provider = self.session.get_providers()[0]  # the one that runs the graph's nodes
+        self._read_metadata(model_path, metadata, patch_size, arch)
+        self.on_gpu = self.provider == "CUDAExecutionProvider"
+        self.device_id = session_device_id(self.session) if self.on_gpu else None
+
+    def _read_metadata(self, model_path: str, metadata: dict, patch_size, arch):
+        meta = {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items()}
         if "patch_size" not in meta:
             raise ValueError(f"{model_path} was not written by `python -m dino_fast.export` "
                              "(no dino_fast metadata)")
@@ -117,12 +128,12 @@ class AttentionMapPredictor:
             if want is not None and want != have:
                 raise ValueError(f"{model_path} is a {self.arch}/{self.patch_size} model, "
                                  f"not the {name} {want} asked for; re-export it")
-        self.provider = self.session.get_providers()[0]  # the one that runs the graph's nodes
-        self.on_gpu = self.provider == "CUDAExecutionProvider"
-        self.device_id = session_device_id(self.session) if self.on_gpu else None
 
     def describe(self) -> str:
-        """Which provider runs the model, e.g. ``CUDAExecutionProvider (device 0)``."""
+        """Which runtime and provider run the model, e.g. ``ONNX Runtime 1.32.0:
+        CUDAExecutionProvider (device 0)`` or ``OpenVINO 2026.4.1: CPU``."""
+        if self.runtime == "openvino":
+            return self.session.describe()
         where = f" (device {self.device_id})" if self.on_gpu else ""
         return f"ONNX Runtime {ort.__version__}: {self.provider}{where}"
 
@@ -144,8 +155,10 @@ class AttentionMapPredictor:
             return self._run_bound(images)
         if not isinstance(images, np.ndarray):  # a torch tensor
             images = images.detach().cpu().numpy()
-        attentions, features = self.session.run(list(OUTPUTS), {"images": images.astype(
-            np.float32, copy=False)})
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if self.runtime == "openvino":
+            return self.session.run(images)
+        attentions, features = self.session.run(list(OUTPUTS), {"images": images})
         return attentions, features
 
     def _run_bound(self, images) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +177,19 @@ class AttentionMapPredictor:
         self.session.run_with_iobinding(binding)
         attentions, features = binding.copy_outputs_to_cpu()
         return attentions, features
+
+
+def _ort_session(model_path: str, providers: list[str] | None, threads: int | None):
+    """An ONNX Runtime session of ``model_path``; a file it cannot load is a ValueError."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model_path, options,
+                                    providers=providers or default_providers())
+    except ORT_ERRORS as err:
+        raise ValueError(f"cannot load {model_path} as an ONNX model (is it damaged or "
+                         f"truncated? export it again): {err}") from err
 
 
 def session_device_id(session) -> int:

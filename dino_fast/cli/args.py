@@ -1,7 +1,8 @@
 """What the command-line modules share: the model and map flags with their official aliases,
 the official boolean and ``--arch`` parsing, the flags a distributed launcher passes, and
-loading a model for a command (a failure is a one-line :class:`~dino_fast.cli.errors.UserError`
-naming the file). Commands import this; nothing here imports a command."""
+loading a model (a checkpoint, or an ONNX export in a runtime) for a command (a failure is a
+one-line :class:`~dino_fast.cli.errors.UserError` naming the file). Commands import this;
+nothing here imports a command."""
 import argparse
 import os
 
@@ -87,6 +88,32 @@ def load_model(checkpoint, arch, patch_size, key):
         if str(checkpoint) not in reason:  # the readers name the file in some messages
             reason = f"cannot load {checkpoint}: {reason}"
         raise UserError(reason) from err
+
+
+def add_predictor_args(parser: argparse.ArgumentParser):
+    """``--model --runtime --threads --patch_size --arch``, as the commands that run an ONNX
+    export (``infer``, ``serve``) take them."""
+    from dino_fast.export.predictor import RUNTIMES
+    parser.add_argument("--model", required=True, help="an .onnx file from dino_fast.export")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
+                        help="which library runs the model: ONNX Runtime (default) or OpenVINO "
+                        "on the CPU (pip install 'dino-fast[openvino]')")
+    parser.add_argument("--threads", type=int, help="CPU threads of the runtime")
+    parser.add_argument("--patch_size", type=int, help="fail unless the model has this patch")
+    parser.add_argument("--arch", type=official_arch, help="fail unless the model is this arch")
+
+
+def load_predictor(args):
+    """The model of ``--model`` in ``--runtime`` (:class:`AttentionMapPredictor`); a file that is
+    not one of our ONNX exports is a :class:`UserError` saying what it is."""
+    from dino_fast.export.predictor import AttentionMapPredictor
+    if not os.path.exists(args.model):
+        raise UserError(f"model not found: {args.model}")
+    try:
+        return AttentionMapPredictor(args.model, threads=args.threads, patch_size=args.patch_size,
+                                     arch=args.arch, runtime=args.runtime)
+    except ValueError as err:
+        raise UserError(str(err)) from err
 
 
 def resolve_device(name: str) -> str:
