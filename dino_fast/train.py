@@ -22,7 +22,7 @@ from dino_fast.cli.args import add_launcher_args, bool_flag, official_arch, reso
 from dino_fast.cli.errors import UserError, add_debug_flag, command
 from dino_fast.cli.flags import check_train_args
 from dino_fast.cli.progress import Progress, duration, say
-from dino_fast.data import build_loader
+from dino_fast.data import FILE_LIST, build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
 from dino_fast.models.checkpoint import WriteError, save_atomic
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
     # Misc
     p.add_argument("--data_path", default=None, type=str,
-                   help="image folder (recursive); default: the bundled demo photos")
+                   help="image folder (recursive) or shard set (python -m dino_fast.shards); "
+                        "default: the bundled demo photos")
     p.add_argument("--output_dir", default=".", type=str)
     p.add_argument("--saveckp_freq", default=20, type=int)
     p.add_argument("--seed", default=0, type=int)
@@ -226,7 +227,8 @@ def train_in_output_dir(args, device) -> dict:
         local_crops_scale=tuple(args.local_crops_scale),
         local_crops_number=args.local_crops_number, rank=rank, world_size=world,
         seed=args.seed, device=device, skip_bad_images=args.skip_bad_images,
-        global_size=args.global_crops_size, local_size=args.local_crops_size)
+        global_size=args.global_crops_size, local_size=args.local_crops_size,
+        file_list_cache=os.path.join(args.output_dir, FILE_LIST))
     iters_per_epoch = min(len(loader), args.max_steps or len(loader))
 
     student, teacher = build_models(args, device)
@@ -268,7 +270,8 @@ def train_in_output_dir(args, device) -> dict:
     stats = {}
     with StopRequest(interrupt_waits=world == 1) as stop:
         log(f"training {args.arch}/{args.patch_size} on {device} ({args.precision}, loader "
-            f"{loader.kind}, {len(loader.dataset)} images, {world} process(es)) for epochs "
+            f"{loader.kind}, {len(loader.dataset)} images: {loader.dataset.origin}, {world} "
+            "process(es)) for epochs "
             f"{start_epoch}..{args.epochs - 1}, {iters_per_epoch} steps each")
         for epoch in range(start_epoch, args.epochs):
             first = start_step if epoch == start_epoch else 0

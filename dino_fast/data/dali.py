@@ -14,12 +14,14 @@ decoded with PIL; a file PIL cannot decode either raises :class:`BadImageError` 
 with ``skip_bad_images``, is replaced by the next readable image (as the torch loader does) and
 the pipeline restarts at that batch.
 """
+import tempfile
+
 import torch
 
 from dino_fast.cli.errors import MissingDependencyError
 
 from .augment import ViewSpec
-from .folder import BadImageError, ImageFolderDataset
+from .folder import BadImageError, ImageDataset
 from .sampling import EpochPlan, epoch_seed
 
 INSTALL_HINT = "pip install 'dino-fast[dali]'"
@@ -51,13 +53,14 @@ class DaliLoader:
 
     kind = "dali"
 
-    def __init__(self, dataset: ImageFolderDataset, plan: EpochPlan, specs: list[ViewSpec],
+    def __init__(self, dataset: ImageDataset, plan: EpochPlan, specs: list[ViewSpec],
                  num_threads: int, device: torch.device, dtype: torch.dtype):
         self._graph = _import_pipeline()
         self.dataset, self.plan, self.specs = dataset, plan, specs
         self.device, self.dtype, self.num_threads = torch.device(device), dtype, num_threads
         self.epoch, self.first_step = 0, 0
         self._labels = torch.tensor([label for _, label in dataset.samples])
+        self._index_files = tempfile.TemporaryDirectory(prefix="dino_fast_dali_")  # shards'
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -99,11 +102,11 @@ class DaliLoader:
         base_seed = epoch_seed(self.plan.seed, self.epoch, self.plan.rank)
         for first in range(start, start + count):
             steps = range(first, len(self), count)
-            files = [self.dataset.samples[i][0] for s in steps
-                     for i in order[s * batch:(s + 1) * batch]]
+            indices = [i for s in steps for i in order[s * batch:(s + 1) * batch]]
+            source = self.dataset.dali_source(indices, self._index_files.name, f"pipe{first}")
             seed = (base_seed + first) % 2**31
             pipe = self._graph.multicrop_pipeline(
-                files=files, specs=self.specs, gpu=gpu, half=self.dtype == torch.float16,
+                source=source, specs=self.specs, gpu=gpu, half=self.dtype == torch.float16,
                 batch_size=batch, num_threads=self.num_threads if gpu else 1, seed=seed,
                 prefetch_queue_depth=_PREFETCH,
                 device_id=self._device_id() if gpu else None)
@@ -144,6 +147,6 @@ class DaliLoader:
             replaced |= found != order[pos]
             order[pos] = found
         if not replaced:
-            files = [self.dataset.samples[order[p]][0] for p in window]
+            files = [self.dataset.name(self.dataset.samples[order[p]][0]) for p in window]
             raise RuntimeError(f"DALI failed on step {step} of epoch {self.epoch}, but PIL "
                                f"decodes all of its files {files}: {err}") from err

@@ -40,6 +40,7 @@ from .augment import (
     STD,
     ViewSpec,
 )
+from .shards import IMAGE_EXTS
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, PIL's RGB -> "L"
 
@@ -122,10 +123,21 @@ def _view(image, spec: ViewSpec, gpu: bool, out_dtype):
                                     mirror=_coin(FLIP_P))
 
 
+def read_encoded(source: dict):
+    """The encoded images of ``source``, in its order: ``{"files": [...]}`` for DALI's file
+    reader, ``{"paths": [...], "index_paths": [...]}`` for its WebDataset reader."""
+    if "files" in source:
+        return fn.readers.file(files=source["files"], random_shuffle=False, name="reader")[0]
+    return fn.readers.webdataset(paths=source["paths"], index_paths=source["index_paths"],
+                                 ext=[";".join(IMAGE_EXTS)], missing_component_behavior="error",
+                                 random_shuffle=False, name="reader")
+
+
 @pipeline_def(enable_conditionals=True)
-def multicrop_pipeline(files: list[str], specs: list[ViewSpec], gpu: bool, half: bool):
-    """The views of ``files``, read in the given order: one output per crop slot."""
-    encoded, _ = fn.readers.file(files=files, random_shuffle=False, name="reader")
+def multicrop_pipeline(source: dict, specs: list[ViewSpec], gpu: bool, half: bool):
+    """The views of the images of ``source`` (:func:`read_encoded`), in its order: one output
+    per crop slot."""
+    encoded = read_encoded(source)
     decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                 **({"device_memory_padding": _DEVICE_PADDING,
                                     "host_memory_padding": _HOST_PADDING} if gpu else {}))

@@ -53,9 +53,15 @@ def find_images(root: str) -> list[str]:
     regular files (FIFOs, sockets, devices, broken links) and folders that cannot be read are
     skipped, counted in a warning, and never opened.
     """
+    return scan_images(root)[0]
+
+
+def scan_images(root: str) -> tuple[list[str], list[str]]:
+    """``(find_images(root), the folders read)``, both relative to ``root``; the folders
+    (``""`` for ``root``) are those whose change could change the list."""
     if not os.path.isdir(root):
         raise NoImagesError(f"image folder {root!r} does not exist or is not a folder")
-    files, skipped = _scan(root)
+    files, skipped, folders = _scan(root)
     if skipped:
         log.warning("skipped %d entries under %s that are not readable regular files or "
                     "folders: %s", len(skipped), root, ", ".join(skipped[:5]))
@@ -63,17 +69,20 @@ def find_images(root: str) -> list[str]:
         raise NoImagesError(
             f"no images found under {root!r} (looked recursively for files ending in "
             f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
-    return files
+    return files, folders
 
 
-def _scan(root: str) -> tuple[list[str], list[str]]:
-    """``(image files, skipped entries)`` under ``root``, relative to it (see find_images)."""
+def _scan(root: str) -> tuple[list[str], list[str], list[str]]:
+    """``(image files, skipped entries, folders read)`` under ``root``, relative to it (see
+    find_images)."""
     real_root = os.path.realpath(root)
     seen_folders = {_identity(os.stat(root))}
     seen_files = set()  # identities of the files reached through links leading outside root
-    files, skipped, pending = [], [], [("", False)]  # (folder, whether it lies outside root)
+    files, skipped, read = [], [], []
+    pending = [("", False)]  # (folder, whether it lies outside root)
     while pending:
         folder, outside = pending.pop()
+        read.append(folder)
         try:
             entries = sorted(os.scandir(os.path.join(root, folder)), key=lambda e: e.name)
         except OSError:
@@ -104,7 +113,7 @@ def _scan(root: str) -> tuple[list[str], list[str]]:
             except OSError:  # an entry removed while scanning
                 skipped.append(relative)
         pending.extend(reversed(subfolders))  # depth first, in name order
-    return sorted(files), sorted(skipped)
+    return sorted(files), sorted(skipped), read
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
@@ -137,58 +146,89 @@ def load_rgb(path: str) -> Image.Image:
         raise BadImageError(f"cannot decode image {path!r}: {type(err).__name__}: {err}") from err
 
 
-class ImageFolderDataset:
-    """The images under ``root`` with their class labels; ``transform`` maps a PIL image.
+class ImageDataset:
+    """Images with class labels, however stored: ``samples`` is a list of ``(ref, label)``
+    where ``ref`` says where an image lies (a path, a place in a shard) and :meth:`decode`
+    reads it. Shared by the folder and the shard data sets: the bad-image rules live here.
 
-    Attributes: ``root``, ``classes`` (sorted class-folder names, possibly empty), ``samples``
-    (list of ``(absolute path, label)``, label ``-1`` for images outside class folders).
-    ``dataset[i]`` is ``(transform(image), label)``.
+    Attributes: ``root``, ``classes`` (sorted class names, possibly empty), ``samples``
+    (label ``-1`` for images without a class), ``origin`` (how the list was obtained, for the
+    start line). ``dataset[i]`` is ``(transform(image), label)``.
     """
 
-    def __init__(self, root: str, transform=None, skip_bad_images: bool = False):
-        self.root = os.path.abspath(os.path.expanduser(str(root)))
+    def __init__(self, root: str, samples: list, classes: list[str], transform=None,
+                 skip_bad_images: bool = False, origin: str = ""):
+        self.root, self.samples, self.classes, self.origin = root, samples, classes, origin
         self.transform = transform
         self.skip_bad_images = skip_bad_images
-        relative = find_images(self.root)
-        self.classes = sorted({p.split(os.sep)[0] for p in relative if os.sep in p})
-        class_index = {name: i for i, name in enumerate(self.classes)}
-        self.samples = [(os.path.join(self.root, p),
-                         class_index[p.split(os.sep)[0]] if os.sep in p else NO_CLASS)
-                        for p in relative]
-        self.bad_files: set[str] = set()  # found in this process (with skip_bad_images)
+        self.bad_files: set = set()  # refs found bad in this process (with skip_bad_images)
+
+    def decode(self, ref) -> Image.Image:
+        """The RGB image at ``ref``, or :class:`BadImageError` naming it."""
+        raise NotImplementedError
+
+    def name(self, ref) -> str:
+        """Where the image ``ref`` lies, for messages."""
+        return str(ref)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _first_readable(self, index: int) -> tuple[int, Image.Image]:
-        """The first index at or after ``index`` (wrapping) whose file decodes, with its image;
-        without ``skip_bad_images`` a bad file raises :class:`BadImageError` instead."""
+        """The first index at or after ``index`` (wrapping) whose image decodes, with its
+        image; without ``skip_bad_images`` a bad image raises :class:`BadImageError` instead."""
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
-            path = self.samples[candidate][0]
-            if path in self.bad_files:
+            ref = self.samples[candidate][0]
+            if ref in self.bad_files:
                 continue
             try:
-                return candidate, load_rgb(path)
+                return candidate, self.decode(ref)
             except BadImageError as err:
                 if not self.skip_bad_images:
                     raise
-                self.bad_files.add(path)
+                self.bad_files.add(ref)
                 log.warning("skipping %s (%d bad image(s) skipped so far in this process)",
                             err, len(self.bad_files))
         raise BadImageError(f"none of the {len(self.samples)} images under {self.root!r} "
                             "could be decoded")
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        """The RGB image and label at ``index``; a bad file is an error or, when skipping, the
+        """The RGB image and label at ``index``; a bad image is an error or, when skipping, the
         next readable image (wrapping around) with that image's label."""
         found, image = self._first_readable(index)
         return image, self.samples[found][1]
 
     def readable_index(self, index: int) -> int:
-        """``index`` when its file decodes, else (when skipping) the next readable index."""
+        """``index`` when its image decodes, else (when skipping) the next readable index."""
         return self._first_readable(index)[0]
 
     def __getitem__(self, index: int):
         image, label = self.load(index)
         return (self.transform(image) if self.transform is not None else image), label
+
+
+class ImageFolderDataset(ImageDataset):
+    """The images under ``root`` (see the module docstring); ``samples`` holds
+    ``(absolute path, label)``. ``relative_paths``: the list :func:`find_images` would return,
+    when it is already known (a job shares one scan, see :mod:`dino_fast.data.file_list`)."""
+
+    def __init__(self, root: str, transform=None, skip_bad_images: bool = False,
+                 relative_paths: list[str] | None = None, origin: str = ""):
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        relative = find_images(root) if relative_paths is None else relative_paths
+        classes = sorted({p.split(os.sep)[0] for p in relative if os.sep in p})
+        class_index = {name: i for i, name in enumerate(classes)}
+        samples = [(os.path.join(root, p),
+                    class_index[p.split(os.sep)[0]] if os.sep in p else NO_CLASS)
+                   for p in relative]
+        super().__init__(root, samples, classes, transform, skip_bad_images, origin)
+
+    def decode(self, ref: str) -> Image.Image:
+        """The RGB image in file ``ref`` (:func:`load_rgb`)."""
+        return load_rgb(ref)
+
+    def dali_source(self, indices: list[int], folder: str, tag: str) -> dict:
+        """DALI file reader arguments that read the images ``indices`` in that order
+        (``folder`` and ``tag`` are unused: a file list needs no index)."""
+        return {"files": [self.samples[i][0] for i in indices]}

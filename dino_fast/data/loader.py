@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from dino_fast.training.signals import leave_signals_to_main
 
 from .augment import DataAugmentationDINO
-from .folder import ImageFolderDataset, bundled_data_path
+from .datasets import epoch_plan, open_dataset
+from .folder import ImageDataset, bundled_data_path
 from .prefetch import DeviceCopier
 from .sampling import EpochPlan
 
@@ -28,7 +29,7 @@ CPU = torch.device("cpu")
 class _SeededViews(Dataset):
     """``item = (index, seed)`` -> (the multi-crop views of image ``index``, its label)."""
 
-    def __init__(self, dataset: ImageFolderDataset, augment: DataAugmentationDINO):
+    def __init__(self, dataset: ImageDataset, augment: DataAugmentationDINO):
         self.dataset, self.augment = dataset, augment
 
     def __len__(self):
@@ -58,7 +59,7 @@ class TorchLoader:
 
     kind = "torch"
 
-    def __init__(self, dataset: ImageFolderDataset, plan: EpochPlan, augment: DataAugmentationDINO,
+    def __init__(self, dataset: ImageDataset, plan: EpochPlan, augment: DataAugmentationDINO,
                  num_workers: int, device: torch.device, dtype: torch.dtype):
         self.dataset, self.device, self.dtype = dataset, torch.device(device), dtype
         self._to_device = DeviceCopier(self.device, dtype)  # CUDA: side stream, one ahead
@@ -94,17 +95,19 @@ def build_loader(kind="auto", data_path=None, batch_size=64, num_workers=4,
                  global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
                  local_crops_number=8, rank=0, world_size=1, seed=0,
                  device=CPU, dtype=torch.float32, skip_bad_images=False,
-                 global_size=224, local_size=96):
-    """A multi-crop DINO loader over ``data_path`` (the bundled photos when None).
+                 global_size=224, local_size=96, file_list_cache=None):
+    """A multi-crop DINO loader over ``data_path``: an image folder or a shard set (the bundled
+    photos when None); an image folder's list is kept in ``file_list_cache`` when given.
 
-    ``batch_size`` is per process; each of the ``world_size`` ranks reads a disjoint shard.
+    ``batch_size`` is per process; each of the ``world_size`` ranks reads a disjoint part.
     ``num_workers`` is DataLoader workers (torch) or decoding threads (DALI). ``len(loader)`` is
     the number of steps per epoch (drop-last). A bad image is an error naming the file, or,
     with ``skip_bad_images``, replaced by the next readable one and logged.
     """
     kind = resolve_kind(kind, device)
-    dataset = ImageFolderDataset(data_path or bundled_data_path(), skip_bad_images=skip_bad_images)
-    plan = EpochPlan(len(dataset), batch_size, rank, world_size, seed, root=dataset.root)
+    dataset = open_dataset(data_path or bundled_data_path(), skip_bad_images=skip_bad_images,
+                           file_list_cache=file_list_cache)
+    plan = epoch_plan(dataset, batch_size, rank, world_size, seed)
     augment = DataAugmentationDINO(global_crops_scale, local_crops_scale, local_crops_number,
                                    global_size, local_size)
     if kind == "dali":

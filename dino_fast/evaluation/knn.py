@@ -18,7 +18,9 @@ from torchvision import transforms
 from dino_fast.cli.errors import UserError
 from dino_fast.cli.progress import track
 from dino_fast.data.augment import MEAN, STD
-from dino_fast.data.folder import ImageFolderDataset
+from dino_fast.data.datasets import open_dataset
+from dino_fast.data.folder import ImageDataset
+from dino_fast.data.shards import manifest_path
 
 # Official eval_knn.py's --dump_features / --load_features files (test = val).
 FEATURE_FILES = {"train": "trainfeat.pth", "train_labels": "trainlabels.pth",
@@ -38,17 +40,18 @@ def eval_transform(image_size: int = 224):
     ])
 
 
-def labelled_dataset(root: str, image_size: int = 224) -> ImageFolderDataset:
-    """The images under ``root`` with their class-folder labels; a :class:`UserError` if some
-    have none, if a class folder holds no image (official ``ImageFolder`` refuses it too), or if
-    there are fewer than two classes (every vote would be right)."""
-    dataset = ImageFolderDataset(root, transform=eval_transform(image_size))
-    unlabelled = [path for path, label in dataset.samples if label < 0]
+def labelled_dataset(root: str, image_size: int = 224) -> ImageDataset:
+    """The images under ``root`` (an image folder or a shard set) with their class labels; a
+    :class:`UserError` if some have none, if a class folder holds no image (official
+    ``ImageFolder`` refuses it too), or if there are fewer than two classes (every vote would
+    be right)."""
+    dataset = open_dataset(root, transform=eval_transform(image_size))
+    unlabelled = [dataset.name(ref) for ref, label in dataset.samples if label < 0]
     if not dataset.classes or unlabelled:
         raise UserError(f"{root!r}: evaluation needs every image inside a class sub-folder "
                         f"(root/<class>/<image>); {len(unlabelled)} image(s) have no class, "
                         f"e.g. {unlabelled[:3]}")
-    empty = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
+    empty = sorted(entry.name for entry in os.scandir(dataset.root) if entry.is_dir()
                    and not entry.name.startswith(".") and entry.name not in dataset.classes)
     if empty:
         raise UserError(f"{root!r}: class folder(s) {empty} hold no image; add their images or "
@@ -210,11 +213,12 @@ def _one_of(flags) -> str:
 
 def build_datasets(data_path, val_path=None, val_split=None, image_size=224, seed=0,
                    leave_one_out=False, split_flags=KNN_SPLIT_FLAGS):
-    """Train and val ``ImageFolderDataset``s: ``data_path/train`` and ``data_path/val`` (the
-    official layout, see :func:`official_layout`), two folders, or one split per class; with
+    """Train and val data sets: ``data_path/train`` and ``data_path/val`` (the official
+    layout, see :func:`official_layout`), two folders, or one split per class (each an image
+    folder or a shard set); with
     ``leave_one_out``, the whole folder and no val set (None). ``split_flags``: the command's
     flags that choose the val set, as its errors name them."""
-    if not os.path.isdir(data_path):
+    if not os.path.isdir(data_path) and manifest_path(data_path) is None:
         raise UserError(f"--data_path {data_path!r} does not exist or is not a folder")
     choices = leave_one_out + (val_path is not None) + (val_split is not None)
     if official_layout(data_path):

@@ -1,0 +1,90 @@
+"""One folder scan per job: rank 0 lists the images (or reads its cached list), the others
+receive the list over the process group.
+
+On a shared or network file system a scan costs a metadata round trip per file, and every
+process of a job scanning the same tree multiplies it. Here rank 0 alone scans; with a
+``cache`` path (the run's output folder keeps one) the list is written there with the
+modification time of every folder the scan read, and a later run (a resume, a new stage) takes
+the cached list when every one of those folders still has its time and no folder was added:
+adding, removing or renaming an entry changes its folder's time. Files edited in place keep
+their folder's time, which is fine: the list holds names, not contents.
+"""
+import json
+import os
+import time
+
+import torch.distributed as dist
+
+from dino_fast.training import distributed as dist_utils
+
+from .folder import scan_images
+
+CACHE_VERSION = 1
+FILE_LIST = "file_list.json"  # its name in a training run's output folder
+
+
+def folder_times(root: str, folders: list[str]) -> dict[str, int]:
+    """``{folder relative to root: st_mtime_ns}`` (``""`` is ``root``)."""
+    return {folder: os.stat(os.path.join(root, folder)).st_mtime_ns for folder in folders}
+
+
+def read_cache(cache: str, root: str) -> list[str] | None:
+    """The cached list of ``root``'s images when it is still valid, else None."""
+    try:
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached.get("version") != CACHE_VERSION or cached.get("root") != root:
+            return None
+        if folder_times(root, list(cached["folders"])) != cached["folders"]:
+            return None
+        return cached["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing, damaged or stale: scan again
+
+
+def write_cache(cache: str, root: str, files: list[str], folders: list[str]):
+    """Record ``files`` (``root``'s images) and the times of the ``folders`` read in
+    ``cache``."""
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    record = {"version": CACHE_VERSION, "root": root, "folders": folder_times(root, folders),
+              "files": files}
+    partial = f"{cache}.partial"
+    with open(partial, "w") as f:
+        json.dump(record, f)
+    os.replace(partial, cache)
+
+
+def list_images(root: str, cache: str | None = None) -> tuple[list[str], str]:
+    """``(find_images(root), how)`` computed once per job: by rank 0 (from ``cache`` when it is
+    valid, else by a scan that refreshes it), then broadcast to the other ranks. ``how`` is a
+    few words for the start line."""
+    root = os.path.abspath(root)
+    payload = [None]
+    if dist_utils.get_rank() == 0:
+        try:
+            payload = [_list_on_rank_zero(root, cache)]
+        except Exception as err:  # noqa: BLE001 (the other ranks must hear of it, not hang)
+            payload = [err]
+    if dist_utils.is_dist():
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    files, how = payload[0]
+    if dist_utils.get_world_size() > 1:
+        how += f", shared with {dist_utils.get_world_size() - 1} other process(es)"
+    return files, how
+
+
+def _list_on_rank_zero(root: str, cache: str | None) -> tuple[list[str], str]:
+    started = time.perf_counter()
+    files = read_cache(cache, root) if cache else None
+    if files is not None:
+        return files, f"file list from {cache} ({time.perf_counter() - started:.2f} s)"
+    files, folders = scan_images(root)
+    how = f"scanned in {time.perf_counter() - started:.2f} s"
+    if cache:
+        try:
+            write_cache(cache, root, files, folders)
+        except OSError as err:  # a read-only output folder costs the next run a scan, no more
+            how += f" (file list not cached: {err.strerror})"
+    return files, how
