@@ -59,6 +59,8 @@ ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's
 ONNX_GPU = ["onnx>=1.18", "onnxruntime-gpu>=1.23", "onnxscript"]
 HF, TIMM = ["transformers>=4.40"], ["timm>=1.0"]
 MONITOR = ["tensorboard", "matplotlib"]  # --tensorboard, curves.png, python -m dino_fast.plot
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", *ONNX]  # dino_fast.serve
+OPENVINO = ["openvino>=2025.0", *ONNX]  # --runtime openvino (the export still needs onnx)
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "onnx": ONNX,
@@ -66,11 +68,13 @@ extras = {
     "hf": HF,
     "timm": TIMM,
     "monitor": MONITOR,
+    "serve": SERVE,
+    "openvino": OPENVINO,
     "xformers": ["xformers"],
     # pytest-xdist: the GPU suite runs the kernel tests on several workers (compiling in parallel);
     # ruff pinned to a minor release, whose rule set is stable (pyproject.toml chooses the rules)
     "dev": ["pytest>=7", "pytest-xdist", "ruff>=0.17,<0.18", "pre-commit", "scikit-learn", *ONNX,
-            *HF, *TIMM, *MONITOR],
+            *HF, *TIMM, *MONITOR, *SERVE, "selenium"],
 }
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "onnx-gpu" for dep in deps})
 
@@ -85,9 +89,10 @@ setup(
     python_requires=">=3.10",
     packages=["dino_fast", "dino_fast.cli", "dino_fast.data", "dino_fast.evaluation",
               "dino_fast.models", "dino_fast.monitoring", "dino_fast.ops", "dino_fast.profiling",
-              "dino_fast.training", "dino_fast.kernels", "dino_fast.export"],
+              "dino_fast.serving", "dino_fast.training", "dino_fast.kernels", "dino_fast.export"],
     package_dir={"dino_fast.kernels": "kernels", "dino_fast.export": "export"},
-    package_data={"dino_fast.data": ["images/*", "images/**/*"]},
+    package_data={"dino_fast.data": ["images/*", "images/**/*"],
+                  "dino_fast.serving": ["page.html"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "pillow", "tqdm", "safetensors"],
     extras_require=extras,

@@ -91,6 +91,10 @@ MAPS = {"patch_size": at_least(1), "threshold": fraction(low_open=True),
 VISUALIZE_PATHS = ("checkpoint", "image_path", "output_dir")
 INFER = {"max_pixels": at_least(1)}
 INFER_PATHS = ("model", "images", "output_dir")
+SERVE = {"port": Range(0, 65535), "max_batch": at_least(1), "max_wait_ms": at_least(0),
+         "max_images": at_least(1), "max_pixels": at_least(1), "max_body_mb": positive(),
+         "body_timeout_s": positive(), "max_connections": at_least(1)}
+SERVE_PATHS = ("model", "host")
 
 EXPORT = {"patch_size": at_least(1), "image_size": at_least(1),
           "opset": at_least(18)}  # torch's ONNX exporter writes opset 18 and newer
