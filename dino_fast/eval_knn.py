@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--data_path", default=None,
                    help="ROOT with ROOT/train and ROOT/val (official layout), or a train folder "
-                   "<root>/<class>/<image> with one of --val_path, --val_split, --leave_one_out")
-    p.add_argument("--val_path", default=None, help="val folder with the same classes")
+                   "<root>/<class>/<image> (or its shard set: python -m dino_fast.shards) "
+                   "with one of --val_path, --val_split, --leave_one_out")
+    p.add_argument("--val_path", default=None,
+                   help="val folder or shard set with the same classes")
     p.add_argument("--val_split", default=None, type=float,
                    help="without --val_path: this fraction of each class of --data_path is val")
     p.add_argument("--leave_one_out", action="store_true",

@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size_per_gpu", type=int, default=128)
     p.add_argument("--data_path", required=True,
                    help="ROOT with ROOT/train and ROOT/val (official layout), or a train folder "
-                   "<root>/<class>/<image> with one of --val_path and --val_split")
-    p.add_argument("--val_path", default=None, help="val folder with the same classes")
+                   "<root>/<class>/<image> (or its shard set: python -m dino_fast.shards) "
+                   "with one of --val_path and --val_split")
+    p.add_argument("--val_path", default=None,
+                   help="val folder or shard set with the same classes")
     p.add_argument("--val_split", type=float, default=None,
                    help="without --val_path: this fraction of each class of --data_path is val")
     p.add_argument("--image_size", type=int, default=224,

@@ -248,3 +248,21 @@ def test_launcher_flags_and_one_process_for_the_evaluation(tmp_path, monkeypatch
     monkeypatch.setenv("RANK", "0")
     assert 2 in eval_knn.main([*flags, "--local_rank", "0"])
     assert (tmp_path / "features" / "trainfeat.pth").is_file()
+
+
+def test_shard_sets_give_the_folders_results(tmp_path):
+    from dino_fast.data.shard_writer import write_shards
+    for split, counts in (("train", [4, 3, 5]), ("val", [2, 1, 2])):
+        make_folder(tmp_path / "images" / split, counts)
+        write_shards(str(tmp_path / "images" / split), str(tmp_path / "shards" / split), 2000,
+                     say=lambda *_: None)
+    flags = ["--arch", "vit_tiny", "--image_size", "32", "--nb_knn", "1", "3", "--batch_size",
+             "4", "--num_workers", "0", "--device", "cpu", "--seed", "3"]
+    torch.manual_seed(0)
+    by_folder = eval_knn.main([*flags, "--data_path", str(tmp_path / "images")])
+    torch.manual_seed(0)
+    by_shards = eval_knn.main([*flags, "--data_path", str(tmp_path / "shards")])  # train/, val/
+    torch.manual_seed(0)
+    named = eval_knn.main([*flags, "--data_path", str(tmp_path / "shards" / "train"),
+                           "--val_path", str(tmp_path / "shards" / "val" / "dino_shards.json")])
+    assert by_shards == by_folder == named

@@ -323,3 +323,12 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
     assert not torch.equal(want["module.linear.bias"], torch.zeros(2))  # it did train
+
+
+def test_trains_and_evaluates_on_a_shard_set(tmp_path, capsys):
+    from dino_fast.data.shard_writer import write_shards
+    shards = str(tmp_path / "shards")
+    write_shards(make_folder(tmp_path / "data"), shards, 3000, say=lambda *_: None)
+    eval_linear.main([*TINY, "--data_path", shards, "--val_split", "0.25", "--epochs", "1",
+                      "--output_dir", str(tmp_path / "out")])
+    assert "9 train / 3 val images, 3 classes" in capsys.readouterr().out

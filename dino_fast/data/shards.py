@@ -36,6 +36,7 @@ MANIFEST = "dino_shards.json"
 FORMAT = "dino_fast.shards/1"
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_OPEN_SHARDS = 8  # descriptors a process keeps open (thousands of shards must not exhaust them)
 
 
 class ShardSetError(UserError, ValueError):
@@ -138,6 +139,8 @@ class ShardDataset(ImageDataset):
         if self._pid != os.getpid():  # a forked loader worker: open its own files
             self._files, self._pid = {}, os.getpid()
         if number not in self._files:
+            if len(self._files) == _OPEN_SHARDS:  # a rank reads shard after shard: drop the oldest
+                os.close(self._files.pop(next(iter(self._files))))
             self._files[number] = os.open(self.shards[number], os.O_RDONLY)
         return self._files[number]
 
@@ -145,14 +148,18 @@ class ShardDataset(ImageDataset):
         """Where the sample ``ref`` lies, for messages: ``shard.tar:member``."""
         return f"{self.shards[ref[0]]}:{ref[3]}"
 
+    def read_bytes(self, ref) -> bytes:
+        """The encoded image of sample ``ref``: one read into its open shard."""
+        number, offset, size, _ = ref
+        data = os.pread(self._descriptor(number), size, offset)
+        if len(data) != size:
+            raise OSError(f"shard ends after {len(data)} of the sample's {size} bytes")
+        return data
+
     def decode(self, ref) -> Image.Image:
         """The RGB image of sample ``ref``, or :class:`BadImageError` naming it."""
-        number, offset, size, _ = ref
         try:
-            data = os.pread(self._descriptor(number), size, offset)
-            if len(data) != size:
-                raise OSError(f"shard ends after {len(data)} of the sample's {size} bytes")
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(self.read_bytes(ref))) as img:
                 return to_rgb(img)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise BadImageError(f"cannot decode image {self.name(ref)!r}: "

@@ -257,12 +257,7 @@ def test_dali_reads_the_planned_samples_and_matches_the_torch_loader(sharded, tm
     (encoded,) = pipe.run()
     got = [bytes(encoded.at(k)) for k in range(len(order))]
 
-    def sample_bytes(index):
-        number, offset, size, _ = dataset.samples[index][0]
-        with open(dataset.shards[number], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-    assert got == [sample_bytes(i) for i in order]
+    assert got == [dataset.read_bytes(dataset.samples[i][0]) for i in order]
     for rank in range(2):
         labels = []
         for kind in ("torch", "dali"):
