@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_wait_ms", type=float, default=5.0, help="how long the first "
                         "image of a batch waits for others")
     parser.add_argument("--max_images", type=int, default=16, help="most images in one request")
-    parser.add_argument("--max_pixels", type=int, default=40_000_000, help="most pixels of one "
+    parser.add_argument("--max_pixels", type=int, default=25_000_000, help="most pixels of one "
                         "uploaded image (before resizing); larger ones are refused (413)")
     parser.add_argument("--max_body_mb", type=float, default=64, help="largest request body")
     parser.add_argument("--body_timeout_s", type=float, default=10.0, help="a client that "

@@ -7,6 +7,7 @@ cause, and never stops the server; :class:`RequestGuard` checks the API key and 
 Uploads are decoded in worker threads and the model runs in the batcher's thread, so the event
 loop only moves bytes.
 """
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -25,26 +26,33 @@ from dino_fast.serving.images import RequestError, prepare_upload
 from dino_fast.serving.maps import FORMATS, attention_body, features_body
 from dino_fast.serving.metrics import Metrics
 
+# Requests decoding at once: each holds up to --max_pixels decoded RGB pixels, so this bounds
+# that memory (4 x 3 bytes x 25M pixels = 300 MB at the default); more would not run faster on
+# a machine whose cores the model runs also use.
+DECODE_WORKERS = 4
+
 
 @dataclass
 class ServeSettings:
-    """What the service allows and how it batches (the ``serve`` flags)."""
+    """What the service allows and how it batches: the ``serve`` flags, which give the
+    defaults (``python -m dino_fast.serve --help``)."""
 
     image_size: tuple  # as infer's --image_size: (shorter side,) or (H, W)
     input_pixels: int  # the most pixels of one model input (the model's pixel budget)
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_images: int = 16  # per request
-    max_pixels: int = 40_000_000  # of one uploaded image, before resizing
-    max_body_bytes: int = 64 * 2**20
-    body_timeout_s: float = 10.0
+    max_batch: int
+    max_wait_ms: float
+    max_images: int  # per request
+    max_pixels: int  # of one uploaded image, before resizing
+    max_body_bytes: int
+    body_timeout_s: float
+    threshold: float  # of /v1/attention's masks, when the request gives none
     api_key: str | None = None
-    threshold: float = 0.6  # of /v1/attention's masks, when the request gives none
 
 
 def create_app(predictor, settings: ServeSettings):
     """The ASGI application serving ``predictor`` (an :class:`AttentionMapPredictor`)."""
     metrics = Metrics()
+    decoding = asyncio.Semaphore(DECODE_WORKERS)
     batcher = DynamicBatcher(predictor.run, settings.max_batch, settings.max_wait_ms,
                              metrics.observe_batch)
 
@@ -80,7 +88,7 @@ def create_app(predictor, settings: ServeSettings):
 
     @app.post("/v1/features")
     async def features(request: Request):
-        images, results = await _run(request, settings, predictor, batcher)
+        images, results = await _run(request, settings, predictor, batcher, decoding)
         return features_body(images, results)
 
     @app.post("/v1/attention")
@@ -90,7 +98,7 @@ def create_app(predictor, settings: ServeSettings):
             raise RequestError(422, f"threshold must be in (0, 1], got {threshold}")
         if format not in FORMATS:
             raise RequestError(422, f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-        images, results = await _run(request, settings, predictor, batcher)
+        images, results = await _run(request, settings, predictor, batcher, decoding)
         return await run_in_threadpool(attention_body, images, results, predictor.patch_size,
                                        threshold, format)
 
@@ -98,10 +106,11 @@ def create_app(predictor, settings: ServeSettings):
                         settings.api_key)
 
 
-async def _run(request: Request, settings: ServeSettings, predictor, batcher):
+async def _run(request: Request, settings: ServeSettings, predictor, batcher, decoding):
     """The request's images, prepared, and the model's ``(attentions, features)`` of each."""
     uploads = await _read_uploads(request, settings)
-    images = await run_in_threadpool(_prepare_all, uploads, settings, predictor.patch_size)
+    async with decoding:
+        images = await run_in_threadpool(_prepare_all, uploads, settings, predictor.patch_size)
     try:
         results = await batcher.submit([image.pixels for image in images])
     except RuntimeError as err:
