@@ -1,4 +1,5 @@
-"""Attention-map inference: ONNX Runtime vs PyTorch eager vs ``torch.compile``, one table.
+"""Attention-map inference: ONNX Runtime (and OpenVINO) vs PyTorch eager vs ``torch.compile``,
+one table.
 
 Every row computes the same thing on the same input: the last-block CLS attention and the CLS
 features of a ViT (``forward_with_attention``; the exported graph of ``python -m
@@ -8,10 +9,11 @@ Runtime use the same number of CPU threads. On a CPU, int8 rows are added: ONNX 
 dynamically quantised matrix products (``--int8`` of the export) and, as its baseline, PyTorch's
 own dynamic quantisation of the ``nn.Linear`` layers; on a GPU, ONNX Runtime fp16 and PyTorch
 bf16 autocast rows. Each ONNX Runtime row names the execution provider that runs it (CUDA with
-``onnxruntime-gpu``, else the CPU, fed from and back to the host).
+``onnxruntime-gpu``, else the CPU, fed from and back to the host). ``--openvino`` runs each ONNX
+export in OpenVINO (CPU, float32 compute; the int8 export's quantised MatMuls as they are) too.
 
     python benchmarks/inference.py [--arch vit_small --patch_size 16 --image_size 224]
-                                   [--onnx fp32 int8] [--output FILE] [--json FILE]
+                                   [--onnx fp32 int8] [--openvino] [--output FILE] [--json FILE]
 """
 import argparse
 import copy
@@ -44,13 +46,19 @@ def torch_runner(vit, autocast_dtype=None, compile_=False):
     return run
 
 
-def onnx_runner(vit, folder: str, arch: str, threads: int, precision: str = "fp32"):
-    """The same function served by ONNX Runtime from a freshly exported dynamic model, and the
-    provider that runs it."""
+def onnx_runners(vit, folder: str, arch: str, threads: int, precision: str = "fp32",
+                 runtimes=("onnxruntime",)) -> dict:
+    """The same function served from one freshly exported dynamic model by each runtime of
+    ``runtimes`` (ONNX Runtime, named with the provider that runs it; OpenVINO on the CPU)."""
     path = os.path.join(folder, f"{arch}_{precision}.onnx")
     export_onnx(vit, path, fp16=precision == "fp16", int8=precision == "int8", arch=arch)
-    predictor = AttentionMapPredictor(path, threads=threads)
-    return predictor.run, predictor.provider.removesuffix("ExecutionProvider")
+    named = {}
+    for runtime in runtimes:
+        predictor = AttentionMapPredictor(path, threads=threads, runtime=runtime)
+        where = predictor.provider.removesuffix("ExecutionProvider")
+        named[f"{runtime} {precision} ({'CPU' if runtime == 'openvino' else where})"] = \
+            predictor.run
+    return named
 
 
 def eager_int8(vit):
@@ -67,7 +75,7 @@ def eager_int8(vit):
 
 
 def runners(vit, arch: str, threads: int, folder: str, compile_: bool,
-            onnx_precisions: list[str] | None = None) -> dict:
+            onnx_precisions: list[str] | None = None, runtimes=("onnxruntime",)) -> dict:
     """The backends to compare, by name (eager fp32 first: the baseline)."""
     cuda = next(vit.parameters()).is_cuda
     named = {"pytorch eager fp32": torch_runner(vit)}
@@ -80,8 +88,7 @@ def runners(vit, arch: str, threads: int, folder: str, compile_: bool,
     if compile_:
         named["torch.compile fp32"] = torch_runner(vit, compile_=True)
     for precision in onnx_precisions or ["fp32", "fp16" if cuda else "int8"]:
-        run, provider = onnx_runner(vit, folder, arch, threads, precision)
-        named[f"onnxruntime {precision} ({provider})"] = run
+        named.update(onnx_runners(vit, folder, arch, threads, precision, runtimes))
     return named
 
 
@@ -97,6 +104,8 @@ def main(argv=None):
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--onnx", nargs="+", choices=["fp32", "fp16", "int8"],
                         help="ONNX Runtime precisions (default: fp32, and fp16 on a GPU or int8)")
+    parser.add_argument("--openvino", action="store_true", help="also run each ONNX export in "
+                        "OpenVINO on the CPU (pip install 'dino-fast[openvino]')")
     parser.add_argument("--output", help="also write the table to this results file")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -107,13 +116,15 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as folder, use_backend("reference"):
         named = runners(vit.to(device), args.arch, args.threads, folder, not args.no_compile,
-                        args.onnx)
+                        args.onnx, ("onnxruntime", "openvino") if args.openvino else
+                        ("onnxruntime",))
         for batch in args.batch_sizes:
             images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
             host = images.cpu().numpy()
             baseline = None
             for name, run in named.items():
-                data = host if name.startswith("onnxruntime") and device.type == "cpu" else images
+                on_host = name.startswith(("onnxruntime", "openvino")) and device.type == "cpu"
+                data = host if on_host else images
                 ms = measure(lambda run=run, data=data: run(data), warmup=2,
                              repeats=args.repeats, device=device)
                 baseline = baseline or ms
