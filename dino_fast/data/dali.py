@@ -3,12 +3,12 @@
 Each epoch the rank's file list comes from :class:`~dino_fast.data.sampling.EpochPlan` (the very
 list and permutation the torch loader uses), is handed to DALI's file reader in that order (a
 shard set's samples to its WebDataset reader, through index files written for the epoch that
-list them in that order), and the graph of :mod:`dino_fast.data.dali_pipeline` decodes and crops it, on the GPU when the
-training device is CUDA (``mixed`` decoding), else in DALI's CPU-only mode (``device_id=None``,
-one single-threaded pipeline per thread on interleaved batches). The pipelines are rebuilt per
-epoch with seeds from ``(seed, epoch, rank)``, so an epoch's crops do not depend on the epochs
-before it; in CPU-only mode they also depend on the thread count (the same seed and thread count
-give the same crops).
+list them in that order), and the graph of :mod:`dino_fast.data.dali_pipeline` decodes and crops
+it, on the GPU when the training device is CUDA (``mixed`` decoding), else in DALI's CPU-only
+mode (``device_id=None``, one single-threaded pipeline per thread on interleaved batches). The
+pipelines are rebuilt per epoch with seeds from ``(seed, epoch, rank)``, so an epoch's crops do
+not depend on the epochs before it; in CPU-only mode they also depend on the thread count (the
+same seed and thread count give the same crops).
 
 Bad data: when DALI fails on a batch, the batch's files (and the prefetched ones after it) are
 decoded with PIL; a file PIL cannot decode either raises :class:`BadImageError` naming it, or,

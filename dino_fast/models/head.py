@@ -4,6 +4,14 @@ L2 normalisation, and a weight-normalised linear layer to the K prototypes.
 The weight-normalised layer is our own small module with the official parameter names
 (``weight_g [K, 1]``, ``weight_v [K, bottleneck]``) instead of ``nn.utils.weight_norm``, which is
 deprecated and, in its parametrize form, renames the keys.
+
+Under bf16 autocast (``--precision bf16``) that layer writes fp32 logits: the teacher's logits
+are divided by a temperature of 0.04, and a bf16 logit (8 mantissa bits) near ``|z| = 1`` is
+rounded by up to 2^-9 / 0.04 = 0.05 nats, more than the error of its bf16 input (a unit vector:
+its rounding moves each logit by about 2^-9 / sqrt(bottleneck)). The product still takes bf16
+inputs (on CUDA one bf16 matrix product with an fp32 output, ``mm(out_dtype=float32)``, at bf16
+speed; the CPU has no such kernel and multiplies the same bf16 values in fp32), and the backward
+is autocast's bf16 one. fp16 autocast keeps the official fp16 logits (11 mantissa bits).
 """
 import torch
 import torch.nn as nn
@@ -24,7 +32,34 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x):
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+            with torch.autocast(device, enabled=False):  # fp32 logits (module docstring)
+                return Bf16LinearFp32Output.apply(x.to(torch.bfloat16),
+                                                  self.weight.to(torch.bfloat16))
         return F.linear(x, self.weight)
+
+
+class Bf16LinearFp32Output(torch.autograd.Function):
+    """``x @ weight.T`` of bf16 ``x (..., in)`` and ``weight (out, in)`` as fp32 ``(..., out)``;
+    the gradients are bf16, as autocast's bf16 linear layer gives them."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        if rows.is_cuda:
+            out = torch.mm(rows, weight.t(), out_dtype=torch.float32)
+        else:  # no bf16 -> fp32 kernel: the same bf16 values, multiplied in fp32
+            out = torch.mm(rows.float(), weight.float().t())
+        return out.reshape(*x.shape[:-1], weight.shape[0])  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16)  # (..., out)
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return grad @ weight, grad_weight
 
 
 class DINOHead(nn.Module):
