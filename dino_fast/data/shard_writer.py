@@ -12,6 +12,7 @@ folder is refused. The manifest is written last: a folder with a manifest is com
 """
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -22,7 +23,15 @@ from dino_fast.cli.errors import UserError
 from dino_fast.cli.progress import Progress
 
 from .folder import NO_CLASS, ImageFolderDataset
-from .shards import FORMAT, MANIFEST, ShardDataset, ShardSetError, index_line, read_manifest
+from .shards import (
+    FORMAT,
+    MANIFEST,
+    ShardDataset,
+    ShardSetError,
+    index_line,
+    read_manifest,
+    write_index,
+)
 
 PROGRESS = "dino_shards.progress.json"
 _HEADER = 512  # a ustar header; the keys are short, so every member has exactly one
@@ -76,25 +85,14 @@ class _HashingWriter:
         return self.file.tell()
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
-    """Append ``name`` holding ``data``; return the offset of its data in the archive."""
-    info = tarfile.TarInfo(name)
+def _member(tar: tarfile.TarFile, key: str, ext: str, data: bytes) -> tuple:
+    """Append ``key.ext`` holding ``data``; return its index component
+    ``(ext, data offset, size, name)``."""
+    info = tarfile.TarInfo(f"{key}.{ext}")
     info.size, info.mode, info.mtime = len(data), 0o644, 0
     offset = tar.offset + _HEADER
-    tar.addfile(info, _Bytes(data))
-    return offset
-
-
-class _Bytes:
-    """The minimal file object ``tarfile.addfile`` reads a member's data from."""
-
-    def __init__(self, data: bytes):
-        self.data, self.position = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self.data) if size < 0 else self.position + size
-        chunk, self.position = self.data[self.position:end], min(end, len(self.data))
-        return chunk
+    tar.addfile(info, io.BytesIO(data))
+    return ext, offset, len(data), info.name
 
 
 def write_shard(plan: ShardPlan, number: int, tar_path: str, index_path: str) -> dict:
@@ -108,17 +106,11 @@ def write_shard(plan: ShardPlan, number: int, tar_path: str, index_path: str) ->
                 path, label = plan.samples[index]
                 key, ext = sample_key(plan.root, path), os.path.splitext(path)[1][1:].lower()
                 with open(path, "rb") as f:
-                    data = f.read()
-                components = [(ext, _member(tar, f"{key}.{ext}", data), len(data),
-                               f"{key}.{ext}")]
+                    components = [_member(tar, key, ext, f.read())]
                 if label != NO_CLASS:
-                    cls = str(label).encode()
-                    components.append(("cls", _member(tar, f"{key}.cls", cls), len(cls),
-                                       f"{key}.cls"))
+                    components.append(_member(tar, key, "cls", str(label).encode()))
                 lines.append(index_line(components))
-    with open(f"{index_path}.partial", "w") as f:
-        f.write(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-    os.replace(f"{index_path}.partial", index_path)
+    write_index(index_path, lines)
     os.replace(partial, tar_path)
     return {"name": os.path.basename(tar_path), "index": os.path.basename(index_path),
             "samples": len(lines), "bytes": os.path.getsize(tar_path),

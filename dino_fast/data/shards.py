@@ -69,6 +69,13 @@ def index_line(components: list[tuple[str, int, int, str]]) -> str:
     return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in components)
 
 
+def write_index(path: str, lines: list[str]):
+    """Write a v1.2 index of the sample ``lines`` (:func:`index_line`) to ``path``, atomically."""
+    with open(f"{path}.partial", "w") as f:
+        f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+    os.replace(f"{path}.partial", path)
+
+
 def read_index(path: str) -> list[tuple[str, int, int, str]]:
     """``(ext, offset, size, name)`` of each sample's image in the index at ``path``."""
     try:
@@ -179,7 +186,6 @@ class ShardDataset(ImageDataset):
         paths, index_paths = [], []
         for count, (number, lines) in enumerate(runs):
             index_paths.append(os.path.join(folder, f"{tag}-{count}.idx"))
-            with open(index_paths[-1], "w") as f:
-                f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+            write_index(index_paths[-1], lines)
             paths.append(self.shards[number])
         return {"paths": paths, "index_paths": index_paths}
