@@ -35,25 +35,26 @@ markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` 
 6. attention-map inference (:mod:`benchmarks.inference`): PyTorch eager fp32 / bf16 and ONNX
    Runtime fp32 with whatever provider it has (and fp16 when that is CUDA), batch 1 and 32.
 7. loaders: ``dino_fast.train`` on a generated JPEG corpus with the torch loader, and with DALI
-   when it is installed (images/s of the second epoch, from its progress bar).
+   when it is installed, from the folder and from its WebDataset shards (``dino_fast.shards``;
+   images/s of the second epoch, from its progress bar).
 
 Plan for 9 minutes on an H100 (seconds; ``--budget`` scales every share; time a command leaves
 unused passes to the next; 535 planned, 5 spare): environment a few, outside the plan; smoke 60
 (tests 25, reference 15, fast 20); headline 280 (the runner's ``--help`` 5; official 35, fast
 30, compiled 90 (one cold inductor compile of teacher and student: likely 60-150 s cold, which
 is why it has the largest share), compiled per block 30, ``reduce-overhead`` 60 (a second
-compile plus graph capture), packed 30); ops 50 (attention 20, loss 15, EMA 15); kernel tests
-90 (compiling one candidate per kernel and key, no autotuning, most of it, and near zero with a
+compile plus graph capture), packed 30); ops 50 (attention 20, loss 15, EMA 15); kernel tests 90
+(compiling one candidate per kernel and key, no autotuning, most of it, and near zero with a
 warm Triton cache; measured without a GPU with ``python -m benchmarks.kernel_resources --set
 pinned-tests``: 143 sm_90 compilations, median 6.9 s each on a loaded 2-core CPU, shared over
 the xdist workers; a cold run without xdist may time out, and a second run with the same
-``--out`` starts warm); inference 35; loaders 25 (corpus 10, torch 15; DALI takes what is
-left). The per-block share comes from the CPU (inductor's C++ backend, ViT-S/16, 12 crops):
-cold, the whole forward took 78 s and 1612 generated kernels, the blocks 31 s and 230
-(``benchmarks/results/2026-12-06-cpu.md``). The batch-128 rows and
-``max-autotune`` do not fit and are dropped. Triton's cache and autotuning results
-(``DIR/triton-cache``: ``TRITON_CACHE_DIR``, ``TRITON_CACHE_AUTOTUNING=1``) and inductor's
-(``DIR/inductor-cache``) stay under ``--out``, so a second run compiles less.
+``--out`` starts warm); inference 35; loaders 25 (corpus 7, shards 3, torch 15; DALI, from the
+folder and from the shards, takes what is left). The per-block share comes from the CPU
+(inductor's C++ backend, ViT-S/16, 12 crops): cold, the whole forward took 78 s and 1612
+generated kernels, the blocks 31 s and 230 (``benchmarks/results/2026-12-06-cpu.md``). The
+batch-128 rows and ``max-autotune`` do not fit and are dropped. Triton's cache and autotuning
+results (``DIR/triton-cache``: ``TRITON_CACHE_DIR``, ``TRITON_CACHE_AUTOTUNING=1``) and
+inductor's (``DIR/inductor-cache``) stay under ``--out``, so a second run compiles less.
 
 ``--dry-run`` runs every stage on the CPU with tiny shapes and CPU baselines, inside this process
 where it can (the kernel tests still run in a pytest subprocess), so that this script cannot rot
@@ -340,12 +341,18 @@ def loader_runs(suite: Suite):
     corpus = suite.folder("training", "corpus")
     count = 8 if suite.dry else 400  # 6 steps of 64 in an epoch
     made = suite.run("training", Job("corpus", "benchmarks.make_corpus",
-                                     ["--count", count, "--out", corpus], 10))
+                                     ["--count", count, "--out", corpus], 7))
     if not made.ok and made.status != "planned":
         suite.add_rows("training", made, [])
         return
-    loaders = ["torch"] + (["dali"] if _version("nvidia.dali") else [])
-    for loader in loaders:
+    runs = [("torch", corpus)]
+    if _version("nvidia.dali"):
+        shards = suite.folder("training", "corpus-shards")
+        written = suite.run("training", Job("shards", "dino_fast.shards",
+                                            ["--data_path", corpus, "--output_dir", shards], 3))
+        runs += [("dali", corpus)] + ([("dali", shards)] if written.ok
+                                      or written.status == "planned" else [])
+    for loader, data in runs:
         if suite.dry:
             shape = ["--arch", "vit_tiny", "--out_dim", "256", "--batch_size_per_gpu", "2",
                      "--local_crops_number", "1", "--global_crops_size", "32",
@@ -354,14 +361,16 @@ def loader_runs(suite: Suite):
         else:
             shape = ["--arch", "vit_small", "--out_dim", "65536", "--batch_size_per_gpu", "64",
                      "--local_crops_number", "10", "--num_workers", "14", "--max_steps", "6"]
-        folder = suite.folder("training", f"loader-{loader}")
-        job = Job(f"loader-{loader}", "dino_fast.train",
-                  [*shape, "--data_path", corpus, "--loader", loader, "--epochs", "2",
-                   "--warmup_epochs", "0", "--saveckp_freq", "0", "--output_dir", folder],
+        source = "shards" if data != corpus else "JPEG corpus"
+        name = f"loader-{loader}" + ("-shards" if data != corpus else "")
+        job = Job(name, "dino_fast.train",
+                  [*shape, "--data_path", data, "--loader", loader, "--epochs", "2",
+                   "--warmup_epochs", "0", "--saveckp_freq", "0", "--output_dir",
+                   suite.folder("training", name)],
                   15 if loader == "torch" else 0,  # DALI takes what the others left
                   env=suite.triton_env)
         result = suite.run("training", job)
-        rows = [{"config": f"dino_fast.train, {loader} loader, JPEG corpus",
+        rows = [{"config": f"dino_fast.train, {loader} loader, {source}",
                  "images/s": images_per_second(result.output(), epoch=1)}] if result.ok else []
         suite.add_rows("training", result, rows)
 
