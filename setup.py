@@ -59,7 +59,9 @@ ONNX = ["onnx>=1.18", "onnxruntime>=1.23", "onnxscript"]  # 1.23: ONNX Runtime's
 ONNX_GPU = ["onnx>=1.18", "onnxruntime-gpu>=1.23", "onnxscript"]
 HF, TIMM = ["transformers>=4.40"], ["timm>=1.0"]
 MONITOR = ["tensorboard", "matplotlib"]  # --tensorboard, curves.png, python -m dino_fast.plot
-SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", *ONNX]  # dino_fast.serve
+# dino_fast.serve; uvloop and httptools: uvicorn's C event loop and HTTP parser (it picks them)
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "uvloop", "httptools",
+         *ONNX]
 OPENVINO = ["openvino>=2025.0", *ONNX]  # --runtime openvino (the export still needs onnx)
 extras = {
     "dali": ["nvidia-dali-cuda130"],

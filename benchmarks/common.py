@@ -102,3 +102,15 @@ def write_json(path: str, rows: list[dict], title: str = ""):
     """Write ``rows`` (one dict per table row) with the environment, for tools to read."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"title": title, "environment": environment(), "rows": rows}, f, indent=1)
+
+
+def report(rows: list[dict], columns: list[str], title: str, output: str | None = None,
+           json_path: str | None = None) -> list[dict]:
+    """Print the table of ``rows``, write it to ``output`` and the rows to ``json_path`` when
+    given (:func:`write_results`, :func:`write_json`); returns ``rows``."""
+    table = print_table(rows, columns, title=title)
+    if output:
+        write_results(output, table)
+    if json_path:
+        write_json(json_path, rows, title)
+    return rows

@@ -23,7 +23,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import print_table, write_json, write_results  # noqa: E402
+from benchmarks.common import report  # noqa: E402
 from dino_fast.data.folder import bundled_data_path, find_images  # noqa: E402
 from dino_fast.serving.client import ServeClient, encode_multipart  # noqa: E402
 from dino_fast.serving.process import running_server  # noqa: E402
@@ -155,12 +155,7 @@ def main(argv=None):
                 for clients in args.clients for max_batch in args.max_batch]
     title = (f"serve load, {os.path.basename(model)} at {'x'.join(map(str, args.image_size))}, "
              f"{args.runtime}, {args.requests} requests of one image, loopback")
-    table = print_table(rows, COLUMNS, title=title)
-    if args.output:
-        write_results(args.output, table)
-    if args.json:
-        write_json(args.json, rows, title)
-    return rows
+    return report(rows, COLUMNS, title, args.output, args.json)
 
 
 if __name__ == "__main__":
