@@ -2,8 +2,9 @@
 
 Served features and maps equal :class:`AttentionMapPredictor`'s on the same prepared images;
 concurrent requests batched together give the numbers of one-at-a-time runs; the metrics count
-them in the Prometheus text format; the API key is required where set; SIGTERM lets an in-flight
-request finish and exits 0. Bad input: tests/serving/test_bad_input.py.
+them in the Prometheus text format; ``--runtime openvino`` serves ONNX Runtime's numbers; the API
+key is required where set; SIGTERM lets an in-flight request finish and exits 0. Bad input:
+tests/serving/test_bad_input.py.
 """
 import base64
 import io
@@ -140,6 +141,16 @@ def test_metrics_count_requests_in_prometheus_text_format(server):
     assert counts['dino_fast_requests_total{path="/v1/features",status="422"}'] >= 1
     assert counts['dino_fast_request_seconds_bucket{path="/v1/features",le="+Inf"}'] == \
         counts['dino_fast_request_seconds_count{path="/v1/features"}']
+
+
+def test_openvino_runtime_serves_the_onnxruntime_numbers(model):
+    pytest.importorskip("openvino")
+    with running_server(model, "--runtime", "openvino") as (_, port):
+        assert "OpenVINO" in ServeClient(port).get("/health")[1].decode()
+        status, body = ServeClient(port).post("/v1/attention", [(CAT.name, CAT.read_bytes())])
+    assert status == 200, body
+    attentions, _ = reference(model, CAT)  # ONNX Runtime
+    np.testing.assert_allclose(body["images"][0]["heads"], attentions, atol=1e-4)
 
 
 def test_api_key_from_the_environment(model):

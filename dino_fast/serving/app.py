@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from dino_fast.serving.batcher import DynamicBatcher
+from dino_fast.serving.batcher import BatcherStopped, DynamicBatcher
 from dino_fast.serving.guard import BodyTimeout, BodyTooLarge, RequestGuard
 from dino_fast.serving.images import RequestError, prepare_upload
 from dino_fast.serving.maps import FORMATS, attention_body, features_body
@@ -113,10 +113,8 @@ async def _run(request: Request, settings: ServeSettings, predictor, batcher, de
         images = await run_in_threadpool(_prepare_all, uploads, settings, predictor.patch_size)
     try:
         results = await batcher.submit([image.pixels for image in images])
-    except RuntimeError as err:
-        if "shutting down" in str(err):
-            raise RequestError(503, "the server is shutting down; retry elsewhere") from None
-        raise
+    except BatcherStopped:
+        raise RequestError(503, "the server is shutting down; retry elsewhere") from None
     return images, results
 
 

@@ -14,6 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
+class BatcherStopped(RuntimeError):
+    """An image submitted after :meth:`DynamicBatcher.stop` began."""
+
+
 def group_by_shape(items: list, max_batch: int) -> list[list]:
     """``items`` (``(image, future)`` pairs) split into runs of one image shape, each at most
     ``max_batch`` long, in order of each shape's first arrival."""
@@ -55,7 +59,7 @@ class DynamicBatcher:
     async def submit(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(attentions [heads, N], features [dim])`` of each image ``[3, H, W]``."""
         if self._stopping:
-            raise RuntimeError("the server is shutting down")
+            raise BatcherStopped("the server is shutting down")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
         self._queue.extend(zip(images, futures))

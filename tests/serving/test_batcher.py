@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from dino_fast.serving.batcher import DynamicBatcher, group_by_shape  # noqa: E402
+from dino_fast.serving.batcher import BatcherStopped, DynamicBatcher, group_by_shape  # noqa: E402
 
 
 class RecordingModel:
@@ -90,7 +90,7 @@ def test_stop_runs_what_is_queued_then_refuses():
         pending = [asyncio.ensure_future(batcher.submit([image(i)])) for i in range(3)]
         await asyncio.sleep(0)  # queued
         await batcher.stop()
-        with pytest.raises(RuntimeError, match="shutting down"):
+        with pytest.raises(BatcherStopped, match="shutting down"):
             await batcher.submit([image(9)])
         return await asyncio.gather(*pending)
 
