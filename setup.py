@@ -73,6 +73,7 @@ extras = {
     "serve": SERVE,
     "openvino": OPENVINO,
     "xformers": ["xformers"],
+    "bench": ["webdataset"],  # benchmarks/loader.py's row for the webdataset package
     # pytest-xdist: the GPU suite runs the kernel tests on several workers (compiling in parallel);
     # ruff pinned to a minor release, whose rule set is stable (pyproject.toml chooses the rules)
     "dev": ["pytest>=7", "pytest-xdist", "ruff>=0.17,<0.18", "pre-commit", "scikit-learn", *ONNX,

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # installed package name -> source folder (setup.py's package_dir)
 SOURCE_FOLDERS = {"dino_fast": ROOT / "dino_fast", "dino_fast.kernels": ROOT / "kernels",
                   "dino_fast.export": ROOT / "export"}
-COMMANDS = {"dino_fast.train", "dino_fast.eval_knn", "dino_fast.eval_linear",
+COMMANDS = {"dino_fast.train", "dino_fast.shards", "dino_fast.eval_knn", "dino_fast.eval_linear",
             "dino_fast.visualize", "dino_fast.infer", "dino_fast.serve", "dino_fast.plot",
             "dino_fast.export.__main__"}
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
