@@ -20,7 +20,7 @@ each into open shards by the index (what the torch loader does), the shards stre
 standard library's ``tarfile``, and with the ``webdataset`` package when it is installed
 (``pip install 'dino-fast[bench]'``). Scan: an ``--scan_files``-file tree of empty image
 files, scanned as every process of a job did before (one scan each) and as one job does now
-(rank 0 once, then the file list cached in the output folder).
+(rank 0 once, then the cached file list).
 """
 import argparse
 import os

@@ -22,7 +22,7 @@ from dino_fast.cli.args import add_launcher_args, bool_flag, official_arch, reso
 from dino_fast.cli.errors import UserError, add_debug_flag, command
 from dino_fast.cli.flags import check_train_args
 from dino_fast.cli.progress import Progress, duration, say
-from dino_fast.data import FILE_LIST, build_loader
+from dino_fast.data import build_loader
 from dino_fast.data.sampling import epoch_seed
 from dino_fast.models import ARCHS, ATTN_BACKENDS, DINOHead, MultiCropWrapper, build_vit
 from dino_fast.models.checkpoint import WriteError, save_atomic
@@ -227,8 +227,7 @@ def train_in_output_dir(args, device) -> dict:
         local_crops_scale=tuple(args.local_crops_scale),
         local_crops_number=args.local_crops_number, rank=rank, world_size=world,
         seed=args.seed, device=device, skip_bad_images=args.skip_bad_images,
-        global_size=args.global_crops_size, local_size=args.local_crops_size,
-        file_list_cache=os.path.join(args.output_dir, FILE_LIST))
+        global_size=args.global_crops_size, local_size=args.local_crops_size)
     iters_per_epoch = min(len(loader), args.max_steps or len(loader))
 
     student, teacher = build_models(args, device)

@@ -11,13 +11,18 @@ skipped, with the reason and the fix (``pip install 'numpy<2.4'`` or ``triton>=3
 The tests load exports in transformers as users do; pytest puts the checkout first on
 ``sys.path``, where ``kernels/`` would shadow Hugging Face's ``kernels`` package that
 transformers imports, so that one is imported first (``import_hub_kernels_first``).
+
+Image folders' file lists are cached in a temporary folder of this session
+(``DINO_FAST_CACHE_DIR``), not in the user's cache, and every test starts without one.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["DINO_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="dino_fast_test_cache_")
 
 import pytest  # noqa: E402
 

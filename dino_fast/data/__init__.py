@@ -2,7 +2,6 @@
 loaders."""
 from .augment import DataAugmentationDINO
 from .datasets import epoch_plan, open_dataset
-from .file_list import FILE_LIST
 from .folder import (
            IMAGE_EXTENSIONS,
            BadImageError,
@@ -13,6 +12,6 @@ from .folder import (
 from .loader import build_loader
 from .shards import ShardDataset
 
-__all__ = ["FILE_LIST", "IMAGE_EXTENSIONS", "BadImageError", "DataAugmentationDINO",
+__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "DataAugmentationDINO",
            "ImageDataset", "ImageFolderDataset", "ShardDataset", "build_loader",
            "bundled_data_path", "epoch_plan", "open_dataset"]

@@ -11,13 +11,12 @@ from .sampling import EpochPlan, ShardEpochPlan
 from .shards import ShardDataset, manifest_path
 
 
-def open_dataset(path: str, transform=None, skip_bad_images: bool = False,
-                 file_list_cache: str | None = None) -> ImageDataset:
+def open_dataset(path: str, transform=None, skip_bad_images: bool = False) -> ImageDataset:
     """The images at ``path``: a :class:`ShardDataset` or an :class:`ImageFolderDataset`
-    (whose file list ``file_list_cache`` keeps between runs, see :func:`list_images`)."""
+    (listed once per job, the list cached between runs: :func:`list_images`)."""
     if manifest_path(path) is not None:
         return ShardDataset(path, transform, skip_bad_images)
-    files, how = list_images(path, file_list_cache)
+    files, how = list_images(path)
     return ImageFolderDataset(path, transform, skip_bad_images, relative_paths=files, origin=how)
 
 

@@ -95,9 +95,9 @@ def build_loader(kind="auto", data_path=None, batch_size=64, num_workers=4,
                  global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
                  local_crops_number=8, rank=0, world_size=1, seed=0,
                  device=CPU, dtype=torch.float32, skip_bad_images=False,
-                 global_size=224, local_size=96, file_list_cache=None):
+                 global_size=224, local_size=96):
     """A multi-crop DINO loader over ``data_path``: an image folder or a shard set (the bundled
-    photos when None); an image folder's list is kept in ``file_list_cache`` when given.
+    photos when None).
 
     ``batch_size`` is per process; each of the ``world_size`` ranks reads a disjoint part.
     ``num_workers`` is DataLoader workers (torch) or decoding threads (DALI). ``len(loader)`` is
@@ -105,8 +105,7 @@ def build_loader(kind="auto", data_path=None, batch_size=64, num_workers=4,
     with ``skip_bad_images``, replaced by the next readable one and logged.
     """
     kind = resolve_kind(kind, device)
-    dataset = open_dataset(data_path or bundled_data_path(), skip_bad_images=skip_bad_images,
-                           file_list_cache=file_list_cache)
+    dataset = open_dataset(data_path or bundled_data_path(), skip_bad_images=skip_bad_images)
     plan = epoch_plan(dataset, batch_size, rank, world_size, seed)
     augment = DataAugmentationDINO(global_crops_scale, local_crops_scale, local_crops_number,
                                    global_size, local_size)

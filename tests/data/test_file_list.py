@@ -1,6 +1,7 @@
 """One folder scan per job: the cached file list (taken while the folders are unchanged,
-refreshed by any entry added, removed or renamed, at any depth) and rank 0's list shared over
-Gloo (the other ranks never scan; rank 0's error reaches them instead of a hang)."""
+refreshed by any entry added, removed or renamed, at any depth; kept outside the run's output
+folder) and rank 0's list shared over Gloo (the other ranks never scan; rank 0's error reaches
+them instead of a hang)."""
 import json
 import os
 
@@ -86,3 +87,13 @@ def test_rank_zero_scans_and_shares_its_list_or_its_error(tree, tmp_path, empty)
     else:
         assert zero[0] == one[0] == find_images(tree)
         assert "shared with 1 other process" in one[1]
+
+
+def test_the_default_cache_is_per_folder_and_outside_the_output(tree, tmp_path, monkeypatch):
+    monkeypatch.setenv(file_list.CACHE_ENV, str(tmp_path / "cache"))
+    assert list_images(tree)[1].startswith("scanned")
+    assert list_images(tree)[1].startswith("file list from " + str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    touch(other / "x.jpg")
+    assert file_list.cache_path(str(other)) != file_list.cache_path(tree)
+    assert list_images(str(other))[0] == ["x.jpg"]
