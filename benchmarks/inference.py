@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import measure, print_table, write_json, write_results  # noqa: E402
+from benchmarks.common import measure, report  # noqa: E402
 from dino_fast.export import AttentionMapPredictor, export_onnx  # noqa: E402
 from dino_fast.models import build_vit  # noqa: E402
 from dino_fast.ops import use_backend  # noqa: E402
@@ -132,13 +132,8 @@ def main(argv=None):
                              "images/s": batch * 1e3 / ms, "speed-up vs eager": baseline / ms})
     title = (f"Attention-map inference, {args.arch}/{args.patch_size} at {args.image_size}, "
              f"{device.type}, {args.threads} threads")
-    table = print_table(rows, ["backend", "batch", "latency ms", "images/s", "speed-up vs eager"],
-                        title=title)
-    if args.output:
-        write_results(args.output, table)
-    if args.json:
-        write_json(args.json, rows, title)
-    return rows
+    return report(rows, ["backend", "batch", "latency ms", "images/s", "speed-up vs eager"],
+                  title, args.output, args.json)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import measure, peak_memory_mb, print_table, write_json, write_results  # noqa: E402
+from benchmarks.common import measure, peak_memory_mb, report  # noqa: E402
 from benchmarks.train_step import PerParameterEMA  # noqa: E402
 from dino_fast.models import DINOHead, build_vit  # noqa: E402
 from dino_fast.ops import _backend, use_backend  # noqa: E402
@@ -361,12 +361,7 @@ def main(argv=None):
         del case
         torch._dynamo.reset()  # keep compile caches from piling up across shapes
     title = f"Fused ops on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
-    table = print_table(rows, COLUMNS, title=title)
-    if args.output:
-        write_results(args.output, table)
-    if args.json:
-        write_json(args.json, rows, title)
-    return rows
+    return report(rows, COLUMNS, title, args.output, args.json)
 
 
 if __name__ == "__main__":
