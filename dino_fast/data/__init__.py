@@ -3,11 +3,11 @@ loaders."""
 from .augment import DataAugmentationDINO
 from .datasets import epoch_plan, open_dataset
 from .folder import (
-           IMAGE_EXTENSIONS,
-           BadImageError,
-           ImageDataset,
-           ImageFolderDataset,
-           bundled_data_path,
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    ImageDataset,
+    ImageFolderDataset,
+    bundled_data_path,
 )
 from .loader import build_loader
 from .shards import ShardDataset

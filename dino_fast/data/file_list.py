@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dino_fast.training import distributed as dist_utils
 
 from .folder import scan_images
+from .shards import write_atomically
 
 CACHE_VERSION = 1
 CACHE_ENV = "DINO_FAST_CACHE_DIR"
@@ -59,10 +60,7 @@ def write_cache(cache: str, root: str, files: list[str], folders: list[str]):
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
     record = {"version": CACHE_VERSION, "root": root, "folders": folder_times(root, folders),
               "files": files}
-    partial = f"{cache}.partial"
-    with open(partial, "w") as f:
-        json.dump(record, f)
-    os.replace(partial, cache)
+    write_atomically(cache, json.dumps(record))
 
 
 def list_images(root: str, cache: str | None = None) -> tuple[list[str], str]:

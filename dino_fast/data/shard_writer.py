@@ -30,6 +30,7 @@ from .shards import (
     ShardSetError,
     index_line,
     read_manifest,
+    write_atomically,
     write_index,
 )
 
@@ -118,12 +119,6 @@ def write_shard(plan: ShardPlan, number: int, tar_path: str, index_path: str) ->
             "labels": [plan.samples[i][1] for i in plan.shards[number]] if plan.classes else None}
 
 
-def _json_write(path: str, record: dict):
-    with open(f"{path}.partial", "w") as f:
-        json.dump(record, f)
-    os.replace(f"{path}.partial", path)
-
-
 def _finished_shards(output_dir: str, plan: ShardPlan) -> dict[int, dict]:
     """The shards an earlier, interrupted run of the same plan finished (refusing a folder
     that holds anything else)."""
@@ -180,15 +175,15 @@ def write_shards(root: str, output_dir: str, shard_size: int, seed: int = 0,
             raise UserError(f"cannot write shard {number} ({err.filename or name}: "
                             f"{err.strerror or err}); the {len(done)} shards written are kept: "
                             "rerun the same command to go on") from err
-        _json_write(os.path.join(output_dir, PROGRESS),
-                    {"fingerprint": plan.fingerprint, "done": done})
+        write_atomically(os.path.join(output_dir, PROGRESS),
+                         json.dumps({"fingerprint": plan.fingerprint, "done": done}))
         progress.update()
     progress.close()
     manifest = {"format": FORMAT, "fingerprint": plan.fingerprint, "source": plan.root,
                 "seed": seed, "shard_size": shard_size, "classes": plan.classes,
                 "num_samples": len(plan.samples),
                 "shards": [done[number] for number in range(len(plan.shards))]}
-    _json_write(os.path.join(output_dir, MANIFEST), manifest)
+    write_atomically(os.path.join(output_dir, MANIFEST), json.dumps(manifest))
     os.remove(os.path.join(output_dir, PROGRESS))
     return manifest
 

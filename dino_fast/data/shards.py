@@ -69,11 +69,16 @@ def index_line(components: list[tuple[str, int, int, str]]) -> str:
     return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in components)
 
 
+def write_atomically(path: str, text: str):
+    """Write ``text`` to ``path`` through a ``.partial`` file: ``path`` is whole or absent."""
+    with open(f"{path}.partial", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.partial", path)
+
+
 def write_index(path: str, lines: list[str]):
     """Write a v1.2 index of the sample ``lines`` (:func:`index_line`) to ``path``, atomically."""
-    with open(f"{path}.partial", "w") as f:
-        f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
-    os.replace(f"{path}.partial", path)
+    write_atomically(path, f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
 
 
 def read_index(path: str) -> list[tuple[str, int, int, str]]:
