@@ -18,11 +18,13 @@ markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` 
    steps of ``dino_fast.train``, the reference configuration (eager attention, reference ops,
    fp32) against the fast bf16 default on the same crops (:mod:`benchmarks.train_parity`).
 3. headline (:mod:`benchmarks.train_step`, synthetic crops on the GPU): ViT-S/16,
-   2 x 224 + 10 x 96, K = 65536, bf16, batch 64, one command a row: official, fast eager (with
-   the profiler's kernel and sync counts), fast compiled (``default``, the whole forward), fast
-   compiled per block (``--compile_scope blocks``: regional compilation), fast compiled
-   ``reduce-overhead`` (CUDA graphs), packed crops. Each row has its first step's seconds: the
-   cold compile of a compiled one.
+   2 x 224 + 10 x 96, K = 65536, bf16, batch 64, one command a row: official, fast eager, fast
+   compiled (``default``, the whole forward), fast compiled per block (``--compile_scope
+   blocks``: regional compilation), fast compiled ``reduce-overhead`` (CUDA graphs), packed
+   crops. Each row has its first step's seconds (the cold compile of a compiled one), the
+   profiler's kernels and CUDA syncs per step and where the GPU time goes (matrix products,
+   attention and its backend, optimizer and EMA, other, idle); the fast rows' timed steps run
+   with host syncs forbidden (``sync_check``).
 4. ops (:mod:`benchmarks.ops` ``--quick``): attention at ``[128, 6, 197, 64]``,
    ``[640, 6, 37, 64]`` and packed ``64 x (2 x 197 + 10 x 37)`` against SDPA with each backend
    forced (and xformers when installed); the DINO loss at K = 65536, batch 64, 12 crops against
@@ -305,15 +307,17 @@ def step_jobs(suite: Suite, flags: set[str]) -> list[tuple[Job, str]]:
         shape = ["--arch", "vit_small", "--local_crops", "10", "--out_dim", "65536",
                  "--precision", "bf16", "--batch", "64"]
     counts = ["--gpu_counts"] if "--gpu_counts" in flags and not suite.dry else []
-    plans = [("official", ["--configs", "official"], 35),
+    plans = [("official", ["--configs", "official", *counts], 35),
              ("fast", ["--configs", "fast", *counts], 30)]
     if not suite.dry:
-        plans.append(("compile", ["--configs", "fast+compile", "--compile_mode", "default"], 90))
+        plans.append(("compile", ["--configs", "fast+compile", "--compile_mode", "default",
+                                  *counts], 90))
         if "--compile_scope" in flags:  # regional: each block, a shorter cold compile
             plans.append(("compile-blocks", ["--configs", "fast+compile", "--compile_mode",
-                                             "default", "--compile_scope", "blocks"], 30))
+                                             "default", "--compile_scope", "blocks", *counts],
+                          30))
         plans.append(("reduce-overhead", ["--configs", "fast+compile", "--compile_mode",
-                                          "reduce-overhead"], 60))
+                                          "reduce-overhead", *counts], 60))
     if "--pack_crops" in flags:
         plans.append(("packed", ["--configs", "fast", "--pack_crops", *counts], 30))
     jobs = []
@@ -331,9 +335,11 @@ def stage_headline(suite: Suite):
     result = suite.run("headline", help_job)
     flags = set(re.findall(r"--[a-z_-]+", result.output())) if result.ok else STEP_FLAGS
     for job, json_path in step_jobs(suite, flags):
+        if os.path.exists(json_path):  # an earlier run's, with the same --out
+            os.remove(json_path)
         result = suite.run("headline", job)
-        suite.add_rows("headline", result, read_rows(json_path, result.output())
-                       if result.ok else [])
+        # a failed sync check exits 1 after writing its rows: they are kept, with the failure
+        suite.add_rows("headline", result, read_rows(json_path, result.output()))
 
 
 def loader_runs(suite: Suite):

@@ -34,7 +34,16 @@ official count includes reads of CPU-resident scalars (the default AdamW's for-l
 parameter's step count), which on a GPU are no device sync. On CUDA with ``--gpu_counts``
 every row also gives ``gpu_kernels_per_step`` (kernels, copies and memsets that ran on the
 GPU) and ``cuda_syncs_per_step`` (the host's waits on CUDA), both from ``torch.profiler``,
-which sees compiled and CUDA-graph steps too: the launches the whole step costs.
+which sees compiled and CUDA-graph steps too: the launches the whole step costs; and where
+the GPU time goes, in percent of the step (``matmul_pct``, ``attention_pct``, ``optimizer_pct``
+with clipping and the EMA, ``other_pct``, ``idle_pct``: no kernel running) with the attention
+kernels that ran (``attention_backend``: SDPA's ``flash``, ``efficient`` or ``cudnn``, our
+``triton``; ``none`` for eager attention), :mod:`dino_fast.profiling.gpu_time`.
+
+``sync_check`` (CUDA, fast rows): after two warm-up steps the timed steps run under
+``torch.cuda.set_sync_debug_mode("error")``, so any hidden host sync raises where it happens.
+``ok``, or ``FAILED: file:line (function): message``; such a row is timed again without the
+check (its figures stand) and the command exits with status 1 after writing its results.
 
 MFU (CUDA only) = images/s x ``dino_fast.profiling.flops.dino_step_flops`` / 790 TFLOP/s, the bf16
 dense matmul rate measured on an H100/H200 (../shared/GPU.md).
@@ -46,17 +55,19 @@ dense matmul rate measured on an H100/H200 (../shared/GPU.md).
 ``--json PATH`` writes ``{"environment": {...}, "args": {...}, "rows": [{config, arch, batch,
 crops, K, precision, pack, compile_mode, compile_scope, step_ms, host_cpu_ms, images_s,
 speedup, gflop_per_image, mfu_pct, ops_per_step, syncs_per_step, generated_kernels,
-gpu_kernels_per_step, cuda_syncs_per_step, first_step_s}, ...]}`` (absent values are null).
+gpu_kernels_per_step, cuda_syncs_per_step, first_step_s, sync_check, matmul_pct, attention_pct,
+optimizer_pct, other_pct, idle_pct, attention_backend}, ...]}`` (absent values are null).
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+import traceback
 
 import torch
-from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, measure, print_table, write_results  # noqa: E402
@@ -64,6 +75,7 @@ from dino_fast.models.packed import PACK_ATTENTION  # noqa: E402
 from dino_fast.ops import use_backend  # noqa: E402
 from dino_fast.profiling.dispatch_count import DispatchCounter  # noqa: E402
 from dino_fast.profiling.flops import dino_step_flops  # noqa: E402
+from dino_fast.profiling.gpu_time import gpu_kernels, gpu_time_breakdown  # noqa: E402
 from dino_fast.train import build_models, build_parser  # noqa: E402
 from dino_fast.training.ema import TeacherEMA  # noqa: E402
 from dino_fast.training.loss import DINOLoss  # noqa: E402
@@ -78,7 +90,9 @@ from dino_fast.training.step import (  # noqa: E402
 PEAK_TFLOPS = 790.0
 COLUMNS = ["config", "arch", "batch", "crops", "K", "precision", "pack", "step_ms", "host_cpu_ms",
            "images_s", "speedup", "mfu_pct", "ops_per_step", "syncs_per_step", "generated_kernels",
-           "gpu_kernels_per_step", "cuda_syncs_per_step", "first_step_s"]
+           "gpu_kernels_per_step", "cuda_syncs_per_step", "first_step_s", "sync_check"]
+GPU_TIME_COLUMNS = ["config", "matmul_pct", "attention_pct", "optimizer_pct", "other_pct",
+                    "idle_pct", "attention_backend"]
 
 
 class PerParameterEMA:
@@ -152,14 +166,18 @@ def configurations(args, cuda: bool) -> dict:
 def run_config(args, device, name, cfg, crops) -> dict:
     """Time one configuration, then count its operators and syncs over 2 warm steps (not for
     a compiled one: there the generated kernels are counted instead) and, on CUDA with
-    ``--gpu_counts``, the GPU kernels and CUDA syncs the profiler sees."""
-    state = {"it": 0, "host_s": []}
+    ``--gpu_counts``, what the profiler sees: GPU kernels, CUDA syncs, where the GPU time
+    goes. On CUDA the fast rows' timed steps run with host syncs forbidden
+    (:func:`forbid_host_syncs`); one that syncs is timed again without, and its row says where
+    (``sync_check``)."""
+    state = {"it": 0, "host_s": [], "guard": False}
     with use_backend(cfg["backend"]):
         step = build_step(args, device, cfg)
 
         def one_step():
             start = time.process_time()
-            step(crops, 1, 1e-4, 0.04, 0.996, state["it"])
+            with forbid_host_syncs(state["guard"]):
+                step(crops, 1, 1e-4, 0.04, 0.996, state["it"])
             state["it"] += 1
             if cfg["official"] or state["it"] % args.check_every == 0:
                 step.check_finite()  # official: every step, as main_dino.py reads the loss
@@ -171,14 +189,16 @@ def run_config(args, device, name, cfg, crops) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         first_step_s = time.perf_counter() - started
-        ms = measure(one_step, warmup=1, repeats=args.repeats, device=device)
+        one_step()  # a CUDA-graph row records its graphs here, which syncs
+        state["guard"] = device.type == "cuda" and not cfg["official"]
+        ms, sync_check = time_guarded(one_step, state, args.repeats, device)
         kernels = _generated_kernels() - kernels_before if cfg["compile"] else None
-        ops = syncs = gpu_kernels = cuda_syncs = None
+        ops = syncs = None
         if not cfg["compile"]:  # a dispatch mode stops compiled frames from running at all
             ops, syncs = count_dispatches(step, crops, cfg["official"], args.check_every)
+        gpu = {}
         if device.type == "cuda" and args.gpu_counts:
-            gpu_kernels, cuda_syncs = profile_gpu_work(step, crops, cfg["official"],
-                                                       args.check_every)
+            gpu = profile_gpu_work(step, crops, cfg["official"], args.check_every)
     images_s = args.batch / (ms / 1e3)
     gflop = dino_step_flops(args.arch, args.patch_size, args.global_size, args.local_size,
                             args.local_crops, args.out_dim) / 1e9
@@ -194,7 +214,50 @@ def run_config(args, device, name, cfg, crops) -> dict:
             "mfu_pct": (100 * images_s * gflop / 1e3 / PEAK_TFLOPS
                         if device.type == "cuda" else None),
             "ops_per_step": ops, "syncs_per_step": syncs, "generated_kernels": kernels,
-            "gpu_kernels_per_step": gpu_kernels, "cuda_syncs_per_step": cuda_syncs}
+            "sync_check": sync_check, **gpu}
+
+
+@contextlib.contextmanager
+def forbid_host_syncs(active: bool):
+    """While ``active`` (CUDA), any operation that makes the host wait for the device raises
+    (``torch.cuda.set_sync_debug_mode("error")``), where it happens."""
+    if not active:
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def time_guarded(one_step, state: dict, repeats: int, device) -> tuple[float, str | None]:
+    """``(ms, sync_check)``: the median step time, its steps run under the guard when
+    ``state["guard"]`` is on. ``sync_check`` is ``None`` without the guard, ``ok``, or where a
+    hidden host sync was raised (its innermost dino_fast or torch frame and the message); the
+    steps are then timed again without the guard, so that the row keeps its figures."""
+    if not state["guard"]:
+        return measure(one_step, warmup=1, repeats=repeats, device=device), None
+    try:
+        return measure(one_step, warmup=1, repeats=repeats, device=device), "ok"
+    except RuntimeError as err:
+        if "synchronizing" not in str(err):
+            raise
+        where = sync_site(err)
+        print(f"error: a host sync inside the timed step: {where}", file=sys.stderr)
+    state["guard"] = False
+    return measure(one_step, warmup=1, repeats=repeats, device=device), f"FAILED: {where}"
+
+
+def sync_site(err: BaseException) -> str:
+    """``file:line (function): message`` of the innermost frame of ``err`` in dino_fast (else
+    the innermost frame)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if f"{os.sep}dino_fast{os.sep}" in f.filename] or frames
+    frame = ours[-1]
+    path = os.path.relpath(frame.filename) if frame.filename.startswith(os.sep) else frame.filename
+    return f"{path}:{frame.lineno} ({frame.name}): {str(err).splitlines()[0]}"
 
 
 def two_warm_steps(step, crops, official: bool):
@@ -222,32 +285,37 @@ CUDA_SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize",
                              "cudaEventSynchronize"})
 
 
-def profile_gpu_work(step, crops, official: bool, check_every: int):
-    """GPU kernels (with copies and memsets) run and host waits on CUDA, per step over 2 warm
-    steps, from ``torch.profiler``: seen for compiled and CUDA-graph steps too, which the
-    dispatch counter cannot observe. ``(None, None)`` when the profiler saw no GPU activity
-    (no CUPTI in this environment)."""
+def profile_gpu_work(step, crops, official: bool, check_every: int) -> dict:
+    """What ``torch.profiler`` sees of 2 warm steps: ``gpu_kernels_per_step`` (kernels, copies
+    and memsets), ``cuda_syncs_per_step`` (host waits on CUDA) and where the GPU time goes
+    (:func:`dino_fast.profiling.gpu_time.gpu_time_breakdown`: shares of matrix products,
+    attention, optimizer and EMA, other kernels, idle, and the attention backend that ran).
+    It sees compiled and CUDA-graph steps too, which the dispatch counter cannot observe.
+    Empty when the profiler saw no GPU activity (no CUPTI in this environment)."""
     from torch.profiler import ProfilerActivity, profile
-    try:  # an auxiliary count: its failure must not cost the row its timings
+    try:  # an auxiliary measurement: its failure must not cost the row its timings
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             two_warm_steps(step, crops, official)
             torch.cuda.synchronize()  # every kernel finished inside the window; not counted
-        kernels, syncs = count_gpu_events(prof.events())
+        events = prof.events()
+        kernels, syncs = count_gpu_events(events)
+        breakdown = gpu_time_breakdown(events)
     except Exception as err:  # noqa: BLE001 (reported, and the row keeps its other values)
         print(f"note: profiling the step failed ({type(err).__name__}: {err}); kernel counts "
               "left out", file=sys.stderr)
-        return None, None
+        return {}
     if kernels == 0:
         print("note: the profiler recorded no GPU activity; kernel counts left out",
               file=sys.stderr)
-        return None, None
-    return kernels / 2, (syncs - 1) / 2 + amortised_check(official, check_every)
+        return {}
+    return {"gpu_kernels_per_step": kernels / 2,
+            "cuda_syncs_per_step": (syncs - 1) / 2 + amortised_check(official, check_every),
+            **breakdown}
 
 
 def count_gpu_events(events) -> tuple[int, int]:
     """``(GPU activities other than annotations, CUDA sync calls)`` among profiler events."""
-    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA
-                  and not getattr(e, "is_user_annotation", False))
+    kernels = len(gpu_kernels(events))
     syncs = sum(1 for e in events if e.name in CUDA_SYNC_CALLS)
     return kernels, syncs
 
@@ -309,15 +377,22 @@ def main(argv=None):
     for row in rows:
         row["speedup"] = row["images_s"] / baseline  # against the official style when measured
     table = print_table(rows, COLUMNS, title="DINO training step")
+    if any("idle_pct" in row for row in rows):
+        table += "\n\n" + print_table(rows, GPU_TIME_COLUMNS,
+                                       title="Where the GPU time goes (percent of the step)")
     if args.output:
         write_results(args.output, table)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"environment": environment(), "args": vars(args),
-                       "rows": [{c: row.get(c) for c in COLUMNS + [
-                           "compile_mode", "compile_scope", "gflop_per_image"]}
+                       "rows": [{c: row.get(c) for c in dict.fromkeys(
+                           COLUMNS + GPU_TIME_COLUMNS + ["compile_mode", "compile_scope",
+                                                         "gflop_per_image"])}
                                 for row in rows]}, f, indent=1)
-
+    failed = [row["config"] for row in rows if (row["sync_check"] or "").startswith("FAILED")]
+    if failed:
+        raise SystemExit(f"error: a host sync in the timed step of {', '.join(failed)} (see "
+                         "sync_check; the figures are from steps timed without the check)")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,9 @@
 """``benchmarks/train_step.py``: the compiled row (dispatches cannot be counted there, kernels
 are), and its CUDA-only profiler pass, run as far as a CPU can."""
+import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch._inductor import metrics
 from torch.autograd import DeviceType
@@ -71,8 +73,86 @@ def test_gpu_profiling_runs_and_reports_no_activity_as_unknown(monkeypatch, caps
     note, not zeros."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
-    assert train_step.profile_gpu_work(tiny_step(), crops, False, 10) == (None, None)
+    assert train_step.profile_gpu_work(tiny_step(), crops, False, 10) == {}
     assert "recorded no GPU activity" in capsys.readouterr().err
+
+
+class FakeSyncDebug:
+    """``torch.cuda``'s sync debug mode without a GPU: ``sync()`` raises as PyTorch does
+    under ``"error"`` (a device-to-host copy, an ``.item()``)."""
+
+    def __init__(self, monkeypatch):
+        self.mode = 0
+        monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: self.mode)
+        monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", self.set)
+
+    def set(self, mode):
+        self.mode = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
+
+    def sync(self):
+        if self.mode == 2:
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+
+def hidden_sync_in_the_step(debug: FakeSyncDebug, calls: list):
+    """A step whose operation syncs (raised from C++ on CUDA: this is the innermost frame)."""
+    if debug.mode == 2:
+        raise RuntimeError("called a synchronizing CUDA operation")
+    calls.append(debug.mode)
+
+
+def test_timed_steps_run_with_host_syncs_forbidden(monkeypatch, capsys):
+    """CUDA, fast rows: the step runs under ``set_sync_debug_mode("error")``, the periodic
+    check outside it; a sync inside fails the row's ``sync_check`` with the place and the
+    message, and the row is timed again without the check; the mode is restored."""
+    debug, calls = FakeSyncDebug(monkeypatch), []
+
+    def clean_step():
+        with train_step.forbid_host_syncs(state["guard"]):
+            calls.append(debug.mode)
+        debug.sync()  # the check: outside the guard
+
+    state = {"guard": True}
+    _, check = train_step.time_guarded(clean_step, state, 2, torch.device("cpu"))
+    assert check == "ok" and set(calls) == {2} and debug.mode == 0
+
+    def syncing_step():
+        with train_step.forbid_host_syncs(state["guard"]):
+            hidden_sync_in_the_step(debug, calls)
+
+    calls.clear()
+    ms, check = train_step.time_guarded(syncing_step, state, 2, torch.device("cpu"))
+    assert check.startswith("FAILED: ") and "(hidden_sync_in_the_step)" in check, check
+    assert "called a synchronizing CUDA operation" in check and "test_train_step" in check
+    assert ms > 0 and calls == [0, 0, 0] and not state["guard"] and debug.mode == 0
+    assert "a host sync inside the timed step" in capsys.readouterr().err
+
+
+def test_a_failed_sync_check_keeps_the_results_and_exits_1(monkeypatch, tmp_path):
+    """The JSON and the table are written, then the command fails, naming the row."""
+    def row(args, device, name, cfg, crops):
+        return {"config": name, "images_s": 10.0,
+                "sync_check": "FAILED: x.py:1 (f): called a synchronizing CUDA operation"
+                if name == "fast" else None}
+    monkeypatch.setattr(train_step, "run_config", row)
+    out = tmp_path / "rows.json"
+    with pytest.raises(SystemExit, match="host sync in the timed step of fast"):
+        train_step.main(["--device", "cpu", "--configs", "official,fast", "--json", str(out),
+                         "--batch", "1", "--local_crops", "1", "--out_dim", "16",
+                         "--global_size", "16", "--local_size", "16"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["sync_check"] for r in rows] == [None, row(0, 0, "fast", 0, 0)["sync_check"]]
+
+
+def test_cpu_rows_are_not_sync_checked():
+    """Without CUDA nothing sets the sync debug mode (it would need a GPU)."""
+    args = train_step.parse_args(["--device", "cpu", "--arch", "vit_tiny", "--batch", "1",
+                                  "--local_crops", "1", "--global_size", "32",
+                                  "--local_size", "16", "--out_dim", "64", "--repeats", "1"])
+    cfg = train_step.configurations(args, cuda=False)["fast"]
+    row = train_step.run_config(args, torch.device("cpu"), "fast", cfg,
+                                train_step.random_crops(args, torch.device("cpu")))
+    assert row["sync_check"] is None and row["images_s"] > 0
 
 
 def official_and_fast_steps():
