@@ -176,26 +176,30 @@ LOSS_K = (4096, 65536)
 LOSS_BATCH, LOSS_NCROPS = 64, 12  # per GPU, 2 global + 10 local crops
 
 
-HEALTH_WARPS = 4  # Triton's default: teacher_health launches without num_warps
+COLUMNS_WARPS = 4  # Triton's default: teacher_columns launches without num_warps
 
 
 def loss_cases(archs=(90,), dtypes=("fp32", "bf16")) -> list[Case]:
-    """``_row_lse_kernel`` (teacher with center, student without), ``_dino_rows_kernel``
-    (with and without the gradient) and ``_teacher_health_kernel`` (the training-health
-    outputs) at the block sizes ``_launch_config`` (``_health_block`` for the last) picks.
-    K = 4096 and 65536 get the same blocks, and K is a runtime argument: one kernel each,
-    labelled K=4096."""
+    """``_row_lse_kernel`` (teacher with center, with and without the entropy; student without
+    center), ``_dino_rows_kernel`` (with and without the gradient) at the block sizes
+    ``_launch_config`` picks, and ``_teacher_columns_kernel`` (teacher mean, with and without
+    the mean probabilities) at ``_columns_config``'s. K = 4096 and 65536 get the same blocks,
+    and K is a runtime argument: one kernel each, labelled K=4096."""
     from dino_fast.kernels import dino_loss
     cases = []
     for K in LOSS_K:
         _, warps = dino_loss._launch_config(K)
         for dtype in dtypes:
-            variants = [("row_lse", (("has_center", True),)), ("row_lse", (("has_center", False),)),
+            variants = [("row_lse", (("has_center", True), ("need_entropy", False))),
+                        ("row_lse", (("has_center", True), ("need_entropy", True))),
+                        ("row_lse", (("has_center", False), ("need_entropy", False))),
                         ("rows", (("need_grad", True),)), ("rows", (("need_grad", False),))]
             cases += [Case(f"dino_loss.{name}", (("dtype", dtype), ("K", K), *extra), (warps,),
                            arch, True) for name, extra in variants for arch in archs]
-            cases += [Case("dino_loss.teacher_health", (("dtype", dtype), ("K", K)),
-                           (HEALTH_WARPS,), arch, True) for arch in archs]
+            cases += [Case("dino_loss.teacher_columns",
+                           (("dtype", dtype), ("K", K), ("need_health", health)),
+                           (COLUMNS_WARPS,), arch, True)
+                      for health in (False, True) for arch in archs]
     return unique(cases)
 
 
@@ -212,14 +216,14 @@ def _loss_launch(case: Case):
     rows = torch.empty(LOSS_NCROPS * B, dtype=torch.float32, device="meta")
     if case.kernel == "dino_loss.row_lse":
         x = teacher if p["has_center"] else student
-        return (dino_loss._row_lse_kernel, (x, center, rows, K, x.stride(0), 10.0),
-                {"HAS_CENTER": p["has_center"], "BLOCK_K": block})
-    if case.kernel == "dino_loss.teacher_health":
-        block = dino_loss._health_block(K)
-        parts = torch.empty(-(-K // block), 2 * B, dtype=torch.float32, device="meta")
-        return (dino_loss._teacher_health_kernel,
-                (teacher, center, rows, center, parts, 2 * B, K, teacher.stride(0), 25.0),
-                {"BLOCK_K": block})
+        return (dino_loss._row_lse_kernel, (x, center, rows, rows, K, x.stride(0), 10.0),
+                {"HAS_CENTER": p["has_center"], "NEED_ENTROPY": p["need_entropy"],
+                 "BLOCK_K": block})
+    if case.kernel == "dino_loss.teacher_columns":
+        block_rows, block_k = dino_loss._columns_config(2 * B, K)
+        return (dino_loss._teacher_columns_kernel,
+                (teacher, center, rows, center, center, 2 * B, K, teacher.stride(0), 25.0),
+                {"NEED_HEALTH": p["need_health"], "BLOCK_ROWS": block_rows, "BLOCK_K": block_k})
     args = (student, teacher, center, rows, rows, rows, student, B, K, student.stride(0),
             teacher.stride(0), student.stride(0) if p["need_grad"] else 0, 10.0, 25.0, 1e-3)
     return (dino_loss._dino_rows_kernel, args,

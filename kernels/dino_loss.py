@@ -16,18 +16,22 @@ and student log-probabilities ``ls_v`` of its ``ncrops`` views, the sum over the
 so each student row needs only its own logits and the two teacher rows of its sample, and
 ``d loss / d s_v = (|w_v| softmax(s_v / Ts) - w_v) / (Ts * npairs * B)`` with ``|w_v| = sum_k w_v``.
 
-Three launches, each streaming over K in blocks (any K, not only powers of two):
+Four launches, each streaming over K in blocks (any K, not only powers of two):
 1. ``_row_lse_kernel`` on the teacher rows: log-sum-exp of ``(t - center) / Tt``;
-2. ``_row_lse_kernel`` on the student rows: log-sum-exp of ``s / Ts``;
-3. ``_dino_rows_kernel``, one program per student row: ``w_v . ls_v`` and the gradient row.
+2. ``_teacher_columns_kernel``, one program per block of columns over every teacher row: the
+   teacher mean for the center update. It replaces torch's column sum, which read the teacher
+   anyway, on the loss-only path too: it reads as that sum does (16-byte loads of whole row
+   segments, 1024 programs at K = 65536, no atomics), and one summation order for both paths
+   keeps the mean the same bits with or without health;
+3. ``_row_lse_kernel`` on the student rows: log-sum-exp of ``s / Ts``;
+4. ``_dino_rows_kernel``, one program per student row: ``w_v . ls_v`` and the gradient row.
 Per-row loss partials are summed by torch, so the loss is deterministic (no atomics).
 Math is float32 whatever the input dtype; the gradient is stored in the student's dtype.
 
-With ``need_health`` a fourth launch, ``_teacher_health_kernel`` (one program per block of
-columns, reusing the teacher log-sum-exps of launch 1), reads the teacher once more (2B rows, a
-fraction ``2 / ncrops`` of what launch 3 reads) for the health outputs: each teacher row's
-entropy and the teacher probabilities' mean over the rows. The first three launches and their
-outputs are the same with or without it.
+With ``need_health`` no launch is added and the teacher is read no more: launch 1 also gives
+each teacher row's entropy (from one more running sum per lane), launch 2 also the rows' mean
+teacher probabilities (from the same loads, with the log-sum-exps of launch 1). Their other
+outputs are the same with or without it (the extra work only adds results).
 """
 import torch
 import triton
@@ -37,16 +41,26 @@ _MAX_BLOCK_K = 4096
 
 
 @triton.jit
-def _row_lse_kernel(x_ptr, center_ptr, lse_ptr, K, stride_row, scale,
-                    HAS_CENTER: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``lse[row] = logsumexp_k((x[row, k] - center[k]) * scale)`` with an online max per lane."""
+def _row_lse_kernel(x_ptr, center_ptr, lse_ptr, entropy_ptr, K, stride_row, scale,
+                    HAS_CENTER: tl.constexpr, NEED_ENTROPY: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """``lse[row] = logsumexp_k(y)``, ``y = (x[row, k] - center[k]) * scale``, with an online max
+    per lane; with ``NEED_ENTROPY`` also ``entropy[row] = -sum_k p log p``, ``p = softmax(y)``.
+
+    The entropy is ``log S - W / S`` with ``S = sum exp(y - M)``, ``W = sum exp(y - M) (y - M)``
+    and ``M`` the row max, not ``lse - sum p y``: every term of ``log S`` and ``-W / S`` is
+    non-negative, so nothing cancels and the error is a few float32 ulps of ``1 + entropy``
+    whatever the logits' size (``lse - sum p y`` loses about ``ulp(max |y|)`` to cancellation,
+    1.5e-5 at ``|y| ~ 250``, where a sharp row's entropy is near 0).
+    """
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_K)
     # Start below any float32 logit but above -inf: a lane that never sees a value keeps a zero
     # sum without the nan of exp(-inf - (-inf)).
     run_max = tl.full([BLOCK_K], -1.0e38, tl.float32)  # per-lane running max
-    run_sum = tl.zeros([BLOCK_K], tl.float32)  # per-lane sum of exp(x - run_max)
+    run_sum = tl.zeros([BLOCK_K], tl.float32)  # per-lane sum of exp(y - run_max)
+    run_dev = tl.zeros([BLOCK_K], tl.float32)  # per-lane sum of exp(y - run_max) (y - run_max)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + cols
         mask = k < K
@@ -55,11 +69,22 @@ def _row_lse_kernel(x_ptr, center_ptr, lse_ptr, K, stride_row, scale,
             x = x - tl.load(center_ptr + k, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, x * scale, float("-inf"))
         new_max = tl.maximum(run_max, x)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
+        rescale = tl.exp(run_max - new_max)
+        weight = tl.exp(x - new_max)
+        if NEED_ENTROPY:
+            # The old terms move by run_max - new_max; masked lanes add 0, not 0 * -inf.
+            run_dev = (rescale * (run_dev + (run_max - new_max) * run_sum)
+                       + weight * tl.where(mask, x - new_max, 0.0))
+        run_sum = run_sum * rescale + weight
         run_max = new_max
     row_max = tl.max(run_max, axis=0)
-    row_sum = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
-    tl.store(lse_ptr + row, row_max + tl.log(row_sum))
+    lane_scale = tl.exp(run_max - row_max)
+    row_sum = tl.sum(run_sum * lane_scale, axis=0)
+    log_sum = tl.log(row_sum)
+    tl.store(lse_ptr + row, row_max + log_sum)
+    if NEED_ENTROPY:
+        row_dev = tl.sum(lane_scale * (run_dev + (run_max - row_max) * run_sum), axis=0)
+        tl.store(entropy_ptr + row, log_sum - row_dev / row_sum)
 
 
 @triton.jit
@@ -111,45 +136,61 @@ def _dino_rows_kernel(student_ptr, teacher_ptr, center_ptr, student_lse_ptr, tea
 
 
 @triton.jit
-def _teacher_health_kernel(teacher_ptr, center_ptr, teacher_lse_ptr, probs_mean_ptr,
-                           entropy_parts_ptr, rows, K, stride_t, inv_teacher_temp,
-                           BLOCK_K: tl.constexpr):
-    """One block of columns over every teacher row: the rows' mean of ``q = exp(x - lse)``,
-    ``x = (t - c) / Tt``, and each row's share ``sum_k q (lse - x)`` of its entropy, written to
-    ``entropy_parts[block, row]`` (summed over the blocks by torch: deterministic)."""
-    block = tl.program_id(0)
-    k = block * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = k < K
-    c = tl.load(center_ptr + k, mask=mask, other=0.0).to(tl.float32)
-    probs_sum = tl.zeros([BLOCK_K], tl.float32)
-    for r in range(0, rows):
-        lse = tl.load(teacher_lse_ptr + r)
-        t = tl.load(teacher_ptr + r * stride_t + k, mask=mask, other=0.0).to(tl.float32)
-        neg_log_q = lse - (t - c) * inv_teacher_temp  # -log q
-        q = tl.where(mask, tl.exp(-neg_log_q), 0.0)
-        probs_sum += q
-        tl.store(entropy_parts_ptr + block * rows + r, tl.sum(q * neg_log_q, axis=0))
-    tl.store(probs_mean_ptr + k, probs_sum / rows, mask=mask)
+def _teacher_columns_kernel(teacher_ptr, center_ptr, teacher_lse_ptr, mean_ptr, probs_mean_ptr,
+                            rows, K, stride_t, inv_teacher_temp, NEED_HEALTH: tl.constexpr,
+                            BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One block of columns over every teacher row: ``mean[k]``, the rows' mean of ``t``, and
+    with ``NEED_HEALTH`` ``probs_mean[k]``, their mean of ``q = exp((t - c) / Tt - lse)``.
+
+    Tiles of ``BLOCK_ROWS`` rows are added element-wise, in row order, and reduced over the tile
+    once at the end: no reduction per row, no atomics (deterministic). The teacher mean's sums
+    are the same instructions with or without ``NEED_HEALTH``.
+    """
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = k < K
+    if NEED_HEALTH:
+        c = tl.load(center_ptr + k, mask=col_mask, other=0.0).to(tl.float32)
+    tile_rows = tl.arange(0, BLOCK_ROWS)
+    logit_sum = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
+    probs_sum = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
+    for r0 in range(0, rows, BLOCK_ROWS):
+        r = r0 + tile_rows
+        row_mask = r < rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = r[:, None].to(tl.int64) * stride_t + k[None, :]
+        t = tl.load(teacher_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # (ROWS, K)
+        logit_sum += t
+        if NEED_HEALTH:
+            lse = tl.load(teacher_lse_ptr + r, mask=row_mask, other=0.0)
+            log_q = (t - c[None, :]) * inv_teacher_temp - lse[:, None]
+            probs_sum += tl.exp(tl.where(mask, log_q, float("-inf")))  # no overflow off-mask
+    tl.store(mean_ptr + k, tl.sum(logit_sum, axis=0) / rows, mask=col_mask)
+    if NEED_HEALTH:
+        tl.store(probs_mean_ptr + k, tl.sum(probs_sum, axis=0) / rows, mask=col_mask)
 
 
-def teacher_health(teacher: torch.Tensor, center: torch.Tensor, teacher_lse: torch.Tensor,
-                   teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(entropy [2B], probs_mean [K])`` of the centered, sharpened teacher softmax, float32,
-    from its row log-sum-exps ``teacher_lse`` (``row_logsumexp(teacher, 1 / Tt, center)``)."""
+def teacher_columns(teacher: torch.Tensor, center: torch.Tensor, teacher_lse: torch.Tensor,
+                    teacher_temp: float, need_health: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(teacher_mean [K], probs_mean [K])``, float32, in one pass over the teacher: the rows'
+    mean logits and (with ``need_health``; else ``[0]``) the rows' mean of the centered,
+    sharpened teacher softmax, from its row log-sum-exps ``teacher_lse``."""
     rows, K = teacher.shape
-    block = _health_block(K)
-    blocks = triton.cdiv(K, block)
-    probs_mean = torch.empty(K, device=teacher.device, dtype=torch.float32)
-    parts = torch.empty(blocks, rows, device=teacher.device, dtype=torch.float32)
-    _teacher_health_kernel[(blocks,)](teacher, center, teacher_lse, probs_mean, parts, rows, K,
-                                      teacher.stride(0), 1.0 / teacher_temp, BLOCK_K=block)
-    return parts.sum(dim=0), probs_mean
+    block_rows, block_k = _columns_config(rows, K)
+    mean = torch.empty(K, device=teacher.device, dtype=torch.float32)
+    probs_mean = torch.empty(K if need_health else 0, device=teacher.device, dtype=torch.float32)
+    _teacher_columns_kernel[(triton.cdiv(K, block_k),)](
+        teacher, center, teacher_lse, mean, probs_mean if need_health else mean, rows, K,
+        teacher.stride(0), 1.0 / teacher_temp, NEED_HEALTH=need_health,
+        BLOCK_ROWS=block_rows, BLOCK_K=block_k)
+    return mean, probs_mean
 
 
-def _health_block(K: int) -> int:
-    """``BLOCK_K`` of ``_teacher_health_kernel`` (default 4 warps): narrow column blocks, so that
-    K = 65536 gives 256 programs to spread over the SMs."""
-    return min(256, triton.next_power_of_2(K))
+def _columns_config(rows: int, K: int) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_K)`` of ``_teacher_columns_kernel`` (default 4 warps). Row segments
+    of 64 columns (128-256 B, whole cache lines) keep the loads coalesced while giving many
+    programs: 1024 at K = 65536, 16 at K = 1000, 65 at K = 4097. 32-row tiles (16 values per
+    thread) keep 4-8 KiB in flight per program at each step."""
+    return min(32, triton.next_power_of_2(rows)), min(64, triton.next_power_of_2(K))
 
 
 def _launch_config(K: int) -> tuple[int, int]:
@@ -163,16 +204,21 @@ def _rows_unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def row_logsumexp(x: torch.Tensor, scale: float, center: torch.Tensor | None = None):
-    """``logsumexp((x - center) * scale, dim=1)`` of a 2-D tensor, float32 ``[rows]``."""
+def row_logsumexp(x: torch.Tensor, scale: float, center: torch.Tensor | None = None,
+                  need_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, entropy)``, float32 ``[rows]``: ``logsumexp(y, dim=1)`` and (with
+    ``need_entropy``; else ``[0]``) the entropy of ``softmax(y, dim=1)``,
+    ``y = (x - center) * scale`` of a 2-D tensor."""
     x = _rows_unit_stride(x)
     rows, K = x.shape
     lse = torch.empty(rows, device=x.device, dtype=torch.float32)
+    entropy = torch.empty(rows if need_entropy else 0, device=x.device, dtype=torch.float32)
     block, warps = _launch_config(K)
-    _row_lse_kernel[(rows,)](x, center if center is not None else x, lse, K, x.stride(0),
-                             scale, HAS_CENTER=center is not None, BLOCK_K=block,
-                             num_warps=warps)
-    return lse
+    _row_lse_kernel[(rows,)](x, center if center is not None else x, lse,
+                             entropy if need_entropy else lse, K, x.stride(0), scale,
+                             HAS_CENTER=center is not None, NEED_ENTROPY=need_entropy,
+                             BLOCK_K=block, num_warps=warps)
+    return lse, entropy
 
 
 def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
@@ -189,8 +235,12 @@ def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
     S, K = student.shape
     B = teacher.shape[0] // 2
     npairs = 2 * (ncrops - 1)
-    teacher_lse = row_logsumexp(teacher, 1.0 / teacher_temp, center)  # (2B,)
-    student_lse = row_logsumexp(student, 1.0 / student_temp)  # (S,)
+    teacher_lse, entropy = row_logsumexp(teacher, 1.0 / teacher_temp, center,
+                                         need_health)  # (2B,), (2B,) or (0,)
+    # Next to launch 1, which has just brought the teacher into L2.
+    teacher_mean, probs_mean = teacher_columns(teacher, center, teacher_lse, teacher_temp,
+                                               need_health)  # (K,), (K,) or (0,)
+    student_lse, _ = row_logsumexp(student, 1.0 / student_temp)  # (S,)
     loss_rows = torch.empty(S, device=student.device, dtype=torch.float32)
     grad = torch.empty_like(student) if need_grad else student.new_empty(0)
     block, warps = _launch_config(K)
@@ -201,9 +251,4 @@ def dino_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
         1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (student_temp * npairs * B),
         NCROPS=ncrops, NEED_GRAD=need_grad, BLOCK_K=block, num_warps=warps)
     loss = loss_rows.sum() / (npairs * B)
-    teacher_mean = teacher.sum(dim=0, dtype=torch.float32) / teacher.shape[0]  # (K,)
-    if need_health:
-        entropy, probs_mean = teacher_health(teacher, center, teacher_lse, teacher_temp)
-    else:
-        entropy, probs_mean = teacher_lse.new_empty(0), teacher_lse.new_empty(0)  # no aliases
     return loss, teacher_mean, grad, entropy, probs_mean

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from dino_fast.ops import use_backend
-from dino_fast.ops.dino_loss import dino_loss, dino_loss_with_health
+from dino_fast.ops.dino_loss import (
+    dino_loss,
+    dino_loss_with_health,
+    teacher_health_reference,
+)
 from dino_fast.training.loss import DINOLoss
 from tests.conftest import available_backends, device_for
 
@@ -75,9 +79,10 @@ def test_health_matches_numpy_definitions(backend, K, batch, ncrops, teacher_sca
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_health_leaves_loss_outputs_bit_identical(backend, dtype):
-    student, teacher, center = make_logits(3, 4, 1000, dtype, device_for(backend))
+@pytest.mark.parametrize("K", [1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_health_leaves_loss_outputs_bit_identical(backend, K, dtype):
+    student, teacher, center = make_logits(3, 4, K, dtype, device_for(backend))
     outputs = []
     for with_health in (False, True):
         s = student.clone().requires_grad_(True)
@@ -107,6 +112,52 @@ def test_health_of_collapsed_teachers(backend):
         for name in ("teacher_entropy", "batch_entropy"):
             assert abs(health[name].item() - entropy) < 1e-4, (name, health[name].item())
         assert abs(health["kl"].item()) < 1e-4
+
+
+def _entropy_rows(K: int) -> torch.Tensor:
+    """Teacher rows whose scaled logits ``y = (t + 3) * 16`` are exact in float32 and large
+    (8048 to 8208): uniform (``H = ln K``), one logit 8 above the others (``H ~ 2``), 30 above
+    (``H ~ 31 K e^-30``, every other probability ~1e-13) and 160 above (``H ~ 0``, the others
+    underflow). At this size ``lse - sum q y`` loses up to ``ulp(8208) ~ 1e-3`` to cancellation
+    (4e-5 to 3e-4 measured on these rows); ``log S - sum q (y - max)`` does not."""
+    rows = torch.full((4, K), 500.0)
+    for row, gap in ((1, 8), (2, 30), (3, 160)):
+        rows[row, K // 3] += gap / 16
+    return rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1000, 4097])
+def test_entropy_of_uniform_and_sharp_rows(backend, K):
+    """Each teacher row's entropy against float64 within ``1e-6 + 1e-5 H``, whatever the
+    logits' size (measured: the kernels within 8e-7, under 2 float32 ulps of ``1 + H``; the
+    float32 reference within 6e-6)."""
+    teacher = _entropy_rows(K).to(device_for(backend))
+    center = torch.full((K,), -3.0, device=teacher.device)
+    student = torch.zeros(4, K, device=teacher.device)
+    with use_backend(backend):
+        entropy = torch.ops.dino_fast.dino_loss_fwd(student, teacher, center, 2, STUDENT_TEMP,
+                                                    1 / 16, False, True)[3]
+    want, _ = teacher_health_reference(teacher.double().cpu(), center.double().cpu(), 1 / 16)
+    assert abs(want[0].item() - math.log(K)) < 1e-12 and want[3].item() < 1e-60
+    error = (entropy.double().cpu() - want).abs()
+    assert (error <= 1e-6 + 1e-5 * want).all(), (entropy.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name == "triton"])
+@pytest.mark.parametrize("need_health", [False, True])
+def test_triton_launcher_reads_row_strided_teacher(backend, need_health):
+    """The Triton launcher with a teacher whose rows are strided (the op passes contiguous
+    ones): every output the same bits as with a contiguous copy."""
+    from dino_fast.kernels.dino_loss import dino_loss_fwd
+    student, _, center = make_logits(3, 4, 1000, device=device_for(backend))
+    teacher = torch.randn(6, 1013, device=student.device)[:, 5:1005]  # (2B, K), row stride 1013
+    args = (center, 4, STUDENT_TEMP, TEACHER_TEMP, True, need_health)
+    strided = dino_loss_fwd(student, teacher, *args)
+    contiguous = dino_loss_fwd(student, teacher.contiguous(), *args)
+    for name, a, b in zip(("loss", "teacher_mean", "grad", "entropy", "probs_mean"), strided,
+                          contiguous):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
