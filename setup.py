@@ -49,7 +49,8 @@ def cpp_extensions():
         return []
     compile_args = ["-O3", "-fopenmp"] if sys.platform != "win32" else ["/O2", "/openmp"]
     link_args = ["-fopenmp"] if sys.platform != "win32" else []
-    return [Pybind11Extension("dino_fast._C", sources, cxx_std=17,
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))  # rebuilt on change, in the sdist
+    return [Pybind11Extension("dino_fast._C", sources, depends=headers, cxx_std=17,
                               extra_compile_args=compile_args, extra_link_args=link_args)]
 
 

@@ -22,16 +22,13 @@
 #include <limits>
 #include <vector>
 
+#include "multiversion.h"
+
 namespace dino_fast {
 namespace {
 
-// Multiversioning: an AVX2 copy of the hot row functions beside the baseline x86-64 one, picked
-// at load time (a glibc ifunc), so the distributed build stays portable (no -march=native).
-#if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
-#define DINO_FAST_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DINO_FAST_CLONES
-#endif
+// DINO_FAST_CLONES (multiversion.h): an AVX2 copy of the hot row functions beside the baseline
+// x86-64 one.
 // The row bodies must be inlined into each clone to be compiled for its instruction set.
 #if defined(__GNUC__) || defined(__clang__)
 #define DINO_FAST_INLINE inline __attribute__((always_inline))
