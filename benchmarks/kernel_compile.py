@@ -10,8 +10,9 @@ shared memory beyond the chip. Used by ``tests/kernels/test_kernel_compile.py`` 
 A :class:`Case` names one compilation: kernel, input variant, candidate tile and architecture.
 The attention cases come from the launchers themselves (``forward_launch`` /
 ``backward_launches`` called on ``meta`` tensors, candidates from the autotuner's own pruning),
-so they cannot drift; the DINO-loss and EMA cases are built in :func:`loss_cases` and
-:func:`ema_cases` from their launchers' block-size rules.
+so they cannot drift; the DINO-loss, EMA and gradient-clipping cases are built in
+:func:`loss_cases`, :func:`ema_cases` and :func:`clip_cases` from their launchers' block-size
+rules.
 """
 import contextlib
 import dataclasses
@@ -246,6 +247,27 @@ def _ema_launch(case: Case):
     return ema._ema_kernel, (teacher, teacher, momentum, EMA_NUMEL), {"BLOCK": ema._BLOCK}
 
 
+CLIP_TENSORS, CLIP_NUMEL = 158, 41_000_000  # ViT-S/16 + DINOHead's gradients, ~10k chunks
+
+
+def clip_cases(archs=(90,), dtypes=("fp32", "bf16")) -> list[Case]:
+    """The gradient-clipping kernel over ViT-S/16 + head's gradients, 16-byte aligned (as the
+    caching allocator places them: the 128-bit branch), with norms in the gradients' dtype."""
+    from dino_fast.kernels import clip
+    return [Case("clip_gradients", (("dtype", dtype),), (clip._NUM_WARPS,), arch, True)
+            for dtype in dtypes for arch in archs]
+
+
+def _clip_launch(case: Case):
+    from dino_fast.kernels import clip
+    dtype = DTYPES[case.params["dtype"]]
+    chunks = CLIP_NUMEL // clip._BLOCK
+    table = torch.empty(2 * CLIP_TENSORS + 2 * chunks, dtype=torch.int64, device="meta")
+    norms = torch.empty(CLIP_TENSORS, dtype=dtype, device="meta")
+    return (clip._clip_gradients_kernel, (table, norms, 3.0, CLIP_TENSORS, chunks),
+            {"DTYPE": clip.DTYPES[dtype], "ALIGNED": True, "BLOCK": clip._BLOCK})
+
+
 # ---------------------------------------------------------------------------------------------
 # compiling one case
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +283,8 @@ def _launch(case: Case):
             constexprs.update(BLOCK_M=m, BLOCK_N=n)
             return fn, launch.args, constexprs, {"num_warps": warps, "num_stages": stages}
         return fn, launch.args, constexprs, {"num_warps": case.tile[0]}
-    fn, args, constexprs = _loss_launch(case) if case.kernel.startswith("dino_loss.") \
-        else _ema_launch(case)
+    launchers = {"dino_loss": _loss_launch, "ema": _ema_launch, "clip_gradients": _clip_launch}
+    fn, args, constexprs = launchers[case.kernel.split(".")[0]](case)
     return fn, args, constexprs, {"num_warps": case.tile[0]}
 
 

@@ -21,6 +21,7 @@ from benchmarks.kernel_compile import (
     Case,
     attention_cases,
     attention_inputs,
+    clip_cases,
     compile_all,
     ema_cases,
     loss_cases,
@@ -30,11 +31,12 @@ from benchmarks.kernel_compile import (
 def table_cases() -> list[Case]:
     """The resource table (sm_90, every candidate): every dtype class at DINO's head dim 64,
     batched and (bf16) packed; bfloat16 and both float32 classes at the padded head dims 80
-    (to 128) and 256 (float16 compiles as bfloat16 there); the loss and the EMA."""
+    (to 128) and 256 (float16 compiles as bfloat16 there); the loss, the EMA and the gradient
+    clipping."""
     return (attention_cases(attention_inputs(layouts=("batched",)))
             + attention_cases(attention_inputs(("bf16",), layouts=("packed",)))
             + attention_cases(attention_inputs(("bf16", "fp32"), (80, 256), ("batched",)))
-            + loss_cases() + ema_cases())
+            + loss_cases() + ema_cases() + clip_cases())
 
 
 def _classes(inputs, *classes):
@@ -45,8 +47,8 @@ def ci_cases() -> list[Case]:
     """What CI checks (tests/kernels/test_kernel_compile.py). sm_90: every candidate of the training
     dtypes (bf16, fp16) and of exact float32 at DINO's head dim (64); the pinned candidate of
     TF32 float32, of bf16 packed and of bf16 at the padded head dims 80 and 256. sm_80: the
-    pinned bf16 and exact-float32 candidates. The loss and the EMA on both. The resource table
-    covers every candidate of every class on sm_90."""
+    pinned bf16 and exact-float32 candidates. The loss, the EMA and the gradient clipping on
+    both. The resource table covers every candidate of every class on sm_90."""
     batched = attention_inputs(layouts=("batched",))
     pinned = (_classes(batched, "tf32") + attention_inputs(("bf16",), layouts=("packed",))
               + attention_inputs(("bf16",), (80, 256), ("batched",)))
@@ -54,7 +56,7 @@ def ci_cases() -> list[Case]:
             + attention_cases(pinned, pinned=True)
             + attention_cases(_classes(attention_inputs(("bf16", "fp32"), layouts=("batched",)),
                                        "half", "ieee"), archs=(80,), pinned=True)
-            + loss_cases((90, 80)) + ema_cases((90, 80)))
+            + loss_cases((90, 80)) + ema_cases((90, 80)) + clip_cases((90, 80)))
 
 
 def attention_test_inputs() -> list[tuple]:

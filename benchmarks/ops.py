@@ -1,19 +1,23 @@
 """The fused ops of a DINO step against their references and library baselines, in one table.
 
 Ops (issue 3): the DINO loss (forward + backward), the teacher EMA (one update of every
-parameter of ViT + DINOHead) and attention (forward + backward). Providers:
+parameter of ViT + DINOHead), attention (forward + backward) and (issue 23) the per-parameter
+gradient clipping (every gradient of ViT + DINOHead scaled by its own coefficient). Providers:
 
-* ``reference``: the eager pure-PyTorch reference (the speed-up column's baseline);
+* ``reference``: the eager pure-PyTorch reference (the speed-up column's baseline; for the
+  clipping, the foreach code it replaces, one multiply kernel per gradient);
 * ``compiled reference``: ``torch.compile`` of the same function, for the loss (on the CPU also
-  for the EMA and attention; on a GPU those would cost about a dozen inductor compiles for
-  baselines nobody picks, so the GPU keeps the ones below);
+  for the EMA, the clipping and attention; on a GPU those would cost about a dozen inductor
+  compiles for baselines nobody picks, so the GPU keeps the ones below);
 * ours: ``triton`` (CUDA only; never the interpreter) and ``cpp`` (CPU, when ``dino_fast._C`` is
   built), through the public ops with the backend forced;
 * library baselines, the ones a user would pick: torch SDPA with each backend forced (flash,
   cuDNN, efficient) and xformers when installed for attention, SDPA once per crop size for the
   packed crops; the official per-parameter loop, ``torch._foreach_lerp_``,
-  ``_foreach_mul_`` + ``_foreach_add_`` and a plain copy (the bandwidth ceiling) for the EMA.
-  "x best baseline" compares with the fastest of these (and the compiled reference).
+  ``_foreach_mul_`` + ``_foreach_add_`` and a plain copy (the bandwidth ceiling) for the EMA;
+  for the clipping, ``_foreach_mul_`` by one float, one launch on CUDA (PyTorch's fast path;
+  a ceiling: one coefficient for all, so not a clipping). "x best baseline" compares with the
+  fastest of these (and the compiled reference), the ceilings excepted.
 
 The packed-attention reference loops over the sequences in Python (1,536 at batch 128), so on a
 GPU it is timed once, without repeats. Shapes are DINO's on a GPU (2x224 + 10x96 crops,
@@ -22,7 +26,7 @@ smaller defaults on the CPU, plus the CPU training shape of the loss (batch 32, 
 K = 65536) and the 44M-parameter ViT-S/16 + DINOHead(65536) EMA; ``--tiny``: seconds on a CPU
 (the GPU suite's dry run).
 
-    python benchmarks/ops.py [--quick | --tiny] [--ops loss,ema,attention] [--no_compile]
+    python benchmarks/ops.py [--quick | --tiny] [--ops loss,ema,attention,clip] [--no_compile]
                              [--output FILE] [--json FILE]
 """
 import argparse
@@ -45,6 +49,7 @@ from dino_fast.ops.attention import (  # noqa: E402
     attention_varlen,
     attention_varlen_reference,
 )
+from dino_fast.ops.clip import clip_gradients_, clip_gradients_reference  # noqa: E402
 from dino_fast.ops.dino_loss import dino_loss, dino_loss_reference  # noqa: E402
 from dino_fast.ops.ema import ema_, ema_reference  # noqa: E402
 from dino_fast.training.ema import flatten_parameters  # noqa: E402
@@ -53,6 +58,8 @@ COLUMNS = ["op", "shape", "dtype", "provider", "ms", "rate", "peak MiB", "x eage
            "x best baseline"]
 OURS = ("triton", "cpp")
 COPY = "plain copy (bandwidth)"  # a ceiling, not a baseline: no EMA can beat it
+ONE_SCALE = "_foreach_mul_ one float"  # a ceiling (CUDA: one launch), not a clipping
+OPS = ("loss", "ema", "attention", "clip")
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -157,6 +164,32 @@ def ema_case(arch, out_dim, device, compile_=True) -> Case:
     for name in our_backends(device):
         case.providers[name] = lambda name=name: forced(name, ema_)(teacher_flat, student_flat,
                                                                      momentum_t)
+    return case
+
+
+# --- the per-parameter gradient clipping ---------------------------------------------------
+
+def clip_case(arch, out_dim, device, compile_=True) -> Case:
+    """Every gradient of ``arch`` + DINOHead(``out_dim``) scaled by its own coefficient. The
+    norms put each coefficient just below 1, so the repeats scale every gradient (as a clipping
+    step does) without driving them to denormals."""
+    model = dino_model(arch, out_dim).to(device)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    clip = 3.0
+    norms = torch.full((len(grads),), clip * 1.0001, device=device)
+    numel = sum(g.numel() for g in grads)
+    case = Case("clip_gradients_", f"{arch}/16+head({out_dim}) {len(grads)} grads "
+                f"{numel / 1e6:.1f}M", "fp32", 2 * 4 * numel, "GB/s")  # read, write
+    case.providers = {
+        "reference": lambda: clip_gradients_reference(grads, norms, clip),
+        ONE_SCALE: lambda: torch._foreach_mul_(grads, 0.9999),
+    }
+    if compile_ and device.type != "cuda":
+        compiled = torch.compile(clip_gradients_reference)
+        case.providers["compiled reference"] = lambda: compiled(grads, norms, clip)
+    for name in our_backends(device):
+        case.providers[name] = lambda name=name: forced(name, clip_gradients_)(grads, norms,
+                                                                                clip)
     return case
 
 
@@ -267,6 +300,7 @@ def tiny_cases(ops) -> list:
     """Seconds on a CPU: every provider of every op, at toy shapes (the GPU suite's dry run)."""
     cases = [(loss_case, (2, 4, 256, "fp32"))] if "loss" in ops else []
     cases += [(ema_case, ("vit_tiny", 256))] if "ema" in ops else []
+    cases += [(clip_case, ("vit_tiny", 256))] if "clip" in ops else []
     if "attention" in ops:
         cases += [(attention_case, ("vit_tiny", 4, 3, 37, "fp32")),
                   (attention_varlen_case, ("vit_tiny", 1, 3, "fp32"))]
@@ -287,10 +321,10 @@ def build_cases(ops, device, quick, tiny=False) -> list:
         else:
             shapes = [(8, 4, 4096, "fp32")] + ([] if quick else [(32, 12, 65536, "fp32")])
         cases += [(loss_case, shape) for shape in shapes]
-    if "ema" in ops:
-        models = [("vit_small", 65536)] if cuda or not quick else [("vit_tiny", 4096)]
-        models += [("vit_base", 65536)] if cuda and not quick else []
-        cases += [(ema_case, model) for model in models]
+    models = [("vit_small", 65536)] if cuda or not quick else [("vit_tiny", 4096)]
+    models += [("vit_base", 65536)] if cuda and not quick else []
+    cases += [(ema_case, model) for model in models] if "ema" in ops else []
+    cases += [(clip_case, model) for model in models] if "clip" in ops else []
     if "attention" in ops:
         batch = (64 if quick else 128) if cuda else (2 if quick else 8)  # images per step
         dtype = "bf16" if cuda else "fp32"
@@ -322,7 +356,8 @@ def time_case(case: Case, device, warmup, repeats) -> list[dict]:
         rows.append({"op": case.op, "shape": case.shape, "dtype": case.dtype, "provider": name,
                      "ms": times[name], "peak MiB": peak_memory_mb(fn, device),
                      "rate": rate(case, times[name])})
-    baselines = [t for name, t in times.items() if name not in (*OURS, "reference", COPY)]
+    baselines = [t for name, t in times.items()
+                 if name not in (*OURS, "reference", COPY, ONE_SCALE)]
     for row in rows:
         if "reference" in times:
             row["x eager"] = times["reference"] / row["ms"]
@@ -337,16 +372,16 @@ def main(argv=None):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     size.add_argument("--tiny", action="store_true", help="toy shapes, one repeat (dry runs)")
-    parser.add_argument("--ops", default="loss,ema,attention",
-                        help="comma-separated subset of loss,ema,attention")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--no_compile", action="store_true",
                         help="skip the torch.compile baselines")
     parser.add_argument("--output", default=None, help="write the table to this markdown file")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     ops = set(args.ops.split(","))
-    if not ops <= {"loss", "ema", "attention"}:
-        parser.error(f"unknown ops {sorted(ops - {'loss', 'ema', 'attention'})}")
+    if not ops <= set(OPS):
+        parser.error(f"unknown ops {sorted(ops - set(OPS))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     warmup, repeats = (2, 3) if device.type == "cpu" else (5, 20)
     if args.quick:

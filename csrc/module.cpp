@@ -2,10 +2,12 @@
 // torch headers. dino_fast/ops/_cpp.py passes zero-copy numpy views of torch tensors (bfloat16 as
 // its uint16 bit pattern) and preallocated outputs; this file checks them and releases the GIL.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -16,6 +18,8 @@ double dino_loss_fwd(const void* student, bool student_bf16, const void* teacher
                      float* teacher_mean, float* teacher_entropy, float* probs_mean,
                      int threads);
 void ema_(float* teacher, const float* student, int64_t n, float momentum, int threads);
+void clip_gradients_(const std::vector<float*>& grads, const std::vector<int64_t>& numels,
+                     const float* norms, float clip, int threads);
 }  // namespace dino_fast
 
 namespace {
@@ -103,10 +107,27 @@ void ema_(const py::buffer& teacher, const py::buffer& student, double momentum,
                   t.info.size, static_cast<float>(momentum), threads < 1 ? 1 : threads);
 }
 
+void clip_gradients_(const std::vector<py::buffer>& grads, const py::buffer& norms, double clip,
+                     int threads) {
+  Buffer n(norms, "norms", false, false);
+  n.require_size("norms", static_cast<int64_t>(grads.size()));
+  std::vector<float*> pointers;
+  std::vector<int64_t> numels;
+  for (const auto& grad : grads) {
+    Buffer g(grad, "grads", true, false);  // the numpy arrays in `grads` keep the memory alive
+    pointers.push_back(static_cast<float*>(g.info.ptr));
+    numels.push_back(g.info.size);
+  }
+  py::gil_scoped_release release;
+  dino_fast::clip_gradients_(pointers, numels, static_cast<const float*>(n.info.ptr),
+                             static_cast<float>(clip), threads < 1 ? 1 : threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "dino_fast C++ CPU kernels: the fused DINO loss and the teacher EMA.";
+  m.doc() = "dino_fast C++ CPU kernels: the fused DINO loss, the teacher EMA and the "
+            "per-parameter gradient clipping.";
   m.def("dino_loss_fwd", &dino_loss_fwd, py::arg("student"), py::arg("teacher"),
         py::arg("center"), py::arg("grad"), py::arg("teacher_mean"), py::arg("batch"),
         py::arg("k"), py::arg("ncrops"), py::arg("student_temp"), py::arg("teacher_temp"),
@@ -119,4 +140,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("ema_", &ema_, py::arg("teacher"), py::arg("student"), py::arg("momentum"),
         py::arg("threads"),
         "teacher = momentum * teacher + (1 - momentum) * student, in place (flat float32).");
+  m.def("clip_gradients_", &clip_gradients_, py::arg("grads"), py::arg("norms"), py::arg("clip"),
+        py::arg("threads"),
+        "grads[i] *= min(clip / (norms[i] + 1e-6), 1), in place, over a list of float32 "
+        "gradients (one norm each).");
 }

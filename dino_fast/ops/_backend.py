@@ -1,8 +1,8 @@
 """Which implementation runs a fused op: the one dispatch rule shared by every op.
 
-Each fused op (attention, DINO loss, teacher EMA) has a pure-PyTorch reference, and may have a
-Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and a C++ kernel (CPU
-tensors, ``dino_fast._C``). The choice:
+Each fused op (attention, DINO loss, teacher EMA, gradient clipping) has a pure-PyTorch
+reference, and may have a Triton kernel (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and a C++ kernel (CPU tensors, ``dino_fast._C``). The choice:
 
 * ``DINO_FAST_BACKEND`` (``auto`` by default, ``reference``, ``triton``, ``cpp``), read when the op
   is called, or the :func:`use_backend` context manager, which wins over the variable;

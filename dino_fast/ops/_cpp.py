@@ -59,3 +59,11 @@ def ema_(teacher, student, momentum):
     with torch.profiler.record_function("dino_fast::cpp_ema_"):
         _module().ema_(_view(teacher.detach()), _view(student.detach()), float(momentum),
                        torch.get_num_threads())
+
+
+def clip_gradients_(grads, norms, clip):
+    """``grads[i] *= min(clip / (norms[i] + 1e-6), 1)`` in place on float32 CPU tensors
+    (gradients, which never require grad: no ``detach`` per tensor)."""
+    with torch.profiler.record_function("dino_fast::cpp_clip_gradients_"):
+        _module().clip_gradients_([_view(g) for g in grads], _view(norms.detach()),
+                                  float(clip), torch.get_num_threads())

@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from dino_fast.ops.clip import clip_gradients_
+
 
 def get_params_groups(model: nn.Module) -> list[dict]:
     """Regularised parameters first, then biases and 1-D parameters (norms) with no weight decay."""
@@ -82,14 +84,14 @@ def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimiz
 def gradient_norms(model: nn.Module, clip: float = 0.0) -> torch.Tensor:
     """The L2 norm of each parameter's gradient, as one device tensor (no host sync); with
     ``clip`` > 0 each gradient is then clipped to norm ``clip`` on its own (not a global norm,
-    as official: ``coef = clip / (norm + 1e-6)``, applied when below 1)."""
+    as official: ``coef = clip / (norm + 1e-6)``, applied when below 1), by the fused op
+    :func:`dino_fast.ops.clip.clip_gradients_`."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(0)
     norms = torch.stack(torch._foreach_norm(grads, 2))
     if clip:
-        coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)  # scale only above clip
-        torch._foreach_mul_(grads, list(coefs.unbind()))
+        clip_gradients_(grads, norms, clip)  # one kernel for all the gradients
     return norms
 
 

@@ -31,6 +31,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from dino_fast.ops.clip import clip_gradients_
+
 SHARDINGS = ("ddp", "fsdp2")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _FULL = StateDictOptions(full_state_dict=True)
@@ -78,8 +80,7 @@ def sharded_gradient_norms(model: nn.Module, clip: float = 0.0) -> torch.Tensor:
     dist.all_reduce(squares)
     norms = squares.sqrt()
     if clip:
-        coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)  # as gradient_norms: only above clip
-        torch._foreach_mul_(grads, list(coefs.unbind()))
+        clip_gradients_(grads, norms, clip)  # as gradient_norms, on the local shards
     return norms
 
 

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = ("attention.fwd", "attention.delta", "attention.dkdv", "attention.dq",
-           "dino_loss.row_lse", "dino_loss.rows", "dino_loss.teacher_columns", "ema")
+           "dino_loss.row_lse", "dino_loss.rows", "dino_loss.teacher_columns", "ema",
+           "clip_gradients")
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
