@@ -8,9 +8,12 @@ move every weight; drop path off (its draws differ per rank, see test_distribute
 
 Tolerance: FSDP2 reduce-scatters the gradients where DDP all-reduces them, and the clipping norms
 are sums of the shards' squared norms: the same fp32 values summed in another order (a few ulp),
-which AdamW's division by sqrt(v) can grow for near-zero gradients to a fraction of one step's lr
-(1.6e-5 here). Within a world size 1e-7 is seen; across world sizes (other images per rank) as in
-test_distributed.py, 4e-6.
+which AdamW's division by sqrt(v) can grow for near-zero gradients up to a fraction of one
+step's lr (0.0005 x 6 / 256 = 1.2e-5 here: an Adam step moves a weight by about lr). Within a
+world size 1e-7 was seen on one CPU and 1.4e-6 (packed crops) on an AVX-512 one, whose kernels
+sum in other orders; across world sizes (other images per rank, as in test_distributed.py) and
+with inductor's fused reductions, 4.3e-6. The bounds leave room for that and still fail a step
+that moves a weight by a whole lr more or less than DDP's.
 """
 import os
 import signal
@@ -38,7 +41,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with Gloo is not available")
 
 GLOBAL_BATCH = 6
-SAME_WORLD_ATOL, OTHER_WORLD_ATOL = 1e-6, 4e-6
+SAME_WORLD_ATOL, OTHER_WORLD_ATOL = 3e-6, 8e-6
 
 
 def torchrun_command(processes: int, data, out, *flags) -> list[str]:
@@ -166,7 +169,7 @@ def test_fsdp2_compiles_each_block_and_equals_ddp(runs):
     The first step compiles the three block variants (teacher without gradients, student on
     global then on local crops: Dynamo logs the two after the first as recompiles); the second
     step compiles nothing. Inductor fuses and reorders fp32 reductions (a few ulp per op), which
-    AdamW grows for near-zero gradients as the module docstring says: 2.8e-6 seen."""
+    AdamW grows for near-zero gradients as the module docstring says: 2.8e-6 and 4.3e-6 seen."""
     out = runs.root / "fsdp2-compile"
     cmd = torchrun_command(2, runs.data, out, "--sharding", "fsdp2", "--compile")
     done = run(cmd, timeout=300, extra_env={"TORCH_LOGS": "recompiles"})
