@@ -29,11 +29,13 @@ markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` 
    ``[640, 6, 37, 64]`` and packed ``64 x (2 x 197 + 10 x 37)`` against SDPA with each backend
    forced (and xformers when installed); the DINO loss at K = 65536, batch 64, 12 crops against
    eager and compiled eager; the EMA over ViT-S/16 + head (44M parameters) against the
-   per-parameter loop, ``_foreach_lerp_`` and a plain copy. One command per op.
+   per-parameter loop, ``_foreach_lerp_`` and a plain copy; the per-parameter gradient
+   clipping over the same 158 gradients against the foreach code (a kernel per gradient). One
+   command per op.
 5. kernel tests: all of them (attention forward and backward, batched and packed, at 197, 37 and
-   odd lengths; the loss; the EMA; the packed pass) with ``DINO_FAST_AUTOTUNE=off`` (one
-   candidate per shape class: compile, don't autotune), on several pytest-xdist workers where
-   it is installed.
+   odd lengths; the loss and its health outputs; the EMA; the clipping; the packed pass) with
+   ``DINO_FAST_AUTOTUNE=off`` (one candidate per shape class: compile, don't autotune), on
+   several pytest-xdist workers where it is installed.
 6. attention-map inference (:mod:`benchmarks.inference`): PyTorch eager fp32 / bf16 and ONNX
    Runtime fp32 with whatever provider it has (and fp16 when that is CUDA), batch 1 and 32.
 7. loaders: ``dino_fast.train`` on a generated JPEG corpus with the torch loader, and with DALI
@@ -41,16 +43,17 @@ markdown report (and JSON) is written to ``benchmarks/results/<date>-<gpu>.md`` 
    images/s of the second epoch, from its progress bar).
 
 Plan for 9 minutes on an H100 (seconds; ``--budget`` scales every share; time a command leaves
-unused passes to the next; 535 planned, 5 spare): environment a few, outside the plan; smoke 60
+unused passes to the next; 538 planned, 2 spare): environment a few, outside the plan; smoke 60
 (tests 25, reference 15, fast 20); headline 280 (the runner's ``--help`` 5; official 35, fast
 30, compiled 90 (one cold inductor compile of teacher and student: likely 60-150 s cold, which
 is why it has the largest share), compiled per block 30, ``reduce-overhead`` 60 (a second
-compile plus graph capture), packed 30); ops 50 (attention 20, loss 15, EMA 15); kernel tests 90
-(compiling one candidate per kernel and key, no autotuning, most of it, and near zero with a
-warm Triton cache; measured without a GPU with ``python -m benchmarks.kernel_resources --set
-pinned-tests``: 143 sm_90 compilations, median 6.9 s each on a loaded 2-core CPU, shared over
+compile plus graph capture), packed 30); ops 58 (attention 20, loss 15, EMA 15, clipping 8);
+kernel tests 90 (compiling one candidate per kernel and key, no autotuning, most of it, and near
+zero with a warm Triton cache; measured without a GPU with ``python -m
+benchmarks.kernel_resources --set pinned-tests``: 143 sm_90 compilations before the clipping
+and the loss's column kernel added a few, median 6.9 s each on a loaded 2-core CPU, shared over
 the xdist workers; a cold run without xdist may time out, and a second run with the same
-``--out`` starts warm); inference 35; loaders 25 (corpus 7, shards 3, torch 15; DALI, from the
+``--out`` starts warm); inference 30; loaders 25 (corpus 7, shards 3, torch 15; DALI, from the
 folder and from the shards, takes what is left). The per-block share comes from the CPU
 (inductor's C++ backend, ViT-S/16, 12 crops): cold, the whole forward took 78 s and 1612
 generated kernels, the blocks 31 s and 230 (``benchmarks/results/2026-12-06-cpu.md``). The
@@ -88,7 +91,8 @@ from benchmarks.train_parity import compare_runs, images_per_second, run_flags
 PLANNED_SECONDS = 540
 FAILURE_LINES = 25  # of each failed command's log, in the report
 KERNEL_TESTS = ["tests/ops/test_attention.py", "tests/ops/test_dino_loss.py",
-                "tests/ops/test_ema.py", "tests/models/test_packed.py"]
+                "tests/ops/test_loss_health.py", "tests/ops/test_ema.py", "tests/ops/test_clip.py",
+                "tests/models/test_packed.py"]
 SMOKE_TESTS = ["tests/ops/test_attention.py::test_large_logits_are_stable",
                "tests/ops/test_attention.py::test_lse_is_the_row_logsumexp",
                "tests/ops/test_dino_loss.py::test_hand_computed_tiny_case",
@@ -282,7 +286,7 @@ def stage_kernel_tests(suite: Suite):
 
 def stage_ops(suite: Suite):
     size = ["--tiny", "--no_compile"] if suite.dry else ["--quick"]
-    for op, seconds in (("attention", 20), ("loss", 15), ("ema", 15)):
+    for op, seconds in (("attention", 20), ("loss", 15), ("ema", 15), ("clip", 8)):
         json_path = suite.path("ops", f"{op}.json")
         job = Job(op, "benchmarks.ops", [*size, "--ops", op, "--json", json_path], seconds,
                   env=suite.triton_env)
@@ -393,7 +397,7 @@ def stage_inference(suite: Suite, env: dict):
         args = ["--arch", "vit_small", "--batch_sizes", "1", "32", "--repeats", "10",
                 "--no_compile", "--onnx", "fp32", *(["fp16"] if cuda_ort else [])]
     result = suite.run("inference", Job("inference", "benchmarks.inference",
-                                        [*args, "--json", json_path], 35))
+                                        [*args, "--json", json_path], 30))
     suite.add_rows("inference", result, read_rows(json_path, result.output())
                    if result.ok else [])
 
