@@ -1,9 +1,9 @@
 """The CUDA code paths of a training step on fake CUDA tensors (PyTorch's ``FakeTensorMode``),
 without a GPU: the student and teacher forwards (unpacked, and packed with both pack attentions;
 SDPA and our Triton attention, whose CUDA dispatch then runs its fake kernel), the fused DINO loss
-with its center update, and the flat-buffer teacher EMA. A CPU tensor meeting a CUDA one fails
-here, and so does any host read (``.item()`` and friends raise on fake tensors), instead of in the
-first GPU window.
+with its center update, the flat-buffer teacher EMA, and the gradient norms with the fused
+clipping. A CPU tensor meeting a CUDA one fails here, and so does any host read (``.item()`` and
+friends raise on fake tensors), instead of in the first GPU window.
 
 Limits found: ``torch.autocast("cuda")`` turns itself off without a GPU (so this runs fp32, and
 the bf16 paths stay for a GPU), and the autograd engine needs a CUDA context for the backward
@@ -16,6 +16,7 @@ from dino_fast.models import DINOHead, MultiCropWrapper, build_vit
 from dino_fast.models.packed import PACK_ATTENTION, PackedMultiCropWrapper
 from dino_fast.training.ema import TeacherEMA
 from dino_fast.training.loss import DINOLoss
+from dino_fast.training.optim import gradient_norms
 
 K, LOCAL = 256, 2
 
@@ -42,3 +43,17 @@ def test_a_step_without_its_backward_runs_on_fake_cuda(attn_backend, pack):
         assert value.device.type == loss.center.device.type == "cuda"
         with pytest.raises(Exception, match="_local_scalar_dense|[Dd]ata.dependent"):
             value.item()  # the mode catches host reads
+
+
+@pytest.mark.parametrize("clip", [0.0, 3.0])
+def test_gradient_norms_and_clipping_run_on_fake_cuda(clip):
+    """The per-parameter norms and the fused clipping on CUDA gradients: the norms stay on the
+    device (one per gradient) and nothing is read on the host."""
+    model = wrapper("sdpa", None)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cuda")
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        norms = gradient_norms(model, clip)
+        assert norms.device.type == "cuda"
+        assert norms.shape == (sum(1 for _ in model.parameters()),)
