@@ -121,11 +121,14 @@ class Suite:
         self.planned: list[tuple[str, Job, float]] = []  # --plan: (stage, job, seconds)
 
     def run(self, stage: str, job: Job, in_process: bool | None = None):
-        """Run ``job`` within its share plus what earlier commands left, never past the budget."""
+        """Run ``job`` within its share plus what earlier commands left, never past the budget
+        (the dry run: within what is left of the budget, as it checks that the commands work,
+        not that a CPU runs them in a GPU's time)."""
         planned = job.seconds * self.scale
         if self.plan_only:
             return self.plan(stage, job, planned)
-        limit = min(planned + self.carry, self.deadline - time.monotonic())
+        left = self.deadline - time.monotonic()
+        limit = left if self.dry else min(planned + self.carry, left)
         log = os.path.join(self.out, stage, f"{job.name}.log")
         result = run_job(job, limit, log, self.dry if in_process is None else in_process)
         self.carry = max(0.0, planned + self.carry - result.seconds)
