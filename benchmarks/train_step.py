@@ -235,19 +235,22 @@ def forbid_host_syncs(active: bool):
 def time_guarded(one_step, state: dict, repeats: int, device) -> tuple[float, str | None]:
     """``(ms, sync_check)``: the median step time, its steps run under the guard when
     ``state["guard"]`` is on. ``sync_check`` is ``None`` without the guard, ``ok``, or where a
-    hidden host sync was raised (its innermost dino_fast or torch frame and the message); the
-    steps are then timed again without the guard, so that the row keeps its figures."""
+    hidden host sync was raised (:func:`sync_site`); the steps are then timed again without
+    the guard, so that the row keeps its figures."""
+    def timed():
+        return measure(one_step, warmup=1, repeats=repeats, device=device)
+
     if not state["guard"]:
-        return measure(one_step, warmup=1, repeats=repeats, device=device), None
+        return timed(), None
     try:
-        return measure(one_step, warmup=1, repeats=repeats, device=device), "ok"
+        return timed(), "ok"
     except RuntimeError as err:
         if "synchronizing" not in str(err):
             raise
         where = sync_site(err)
         print(f"error: a host sync inside the timed step: {where}", file=sys.stderr)
     state["guard"] = False
-    return measure(one_step, warmup=1, repeats=repeats, device=device), f"FAILED: {where}"
+    return timed(), f"FAILED: {where}"
 
 
 def sync_site(err: BaseException) -> str:

@@ -66,9 +66,10 @@ def _clip_gradients_kernel(table_ptr, norms_ptr, clip, num_tensors, num_chunks,
 
 
 @functools.lru_cache(maxsize=8)
-def _chunk_table(device: torch.device, spans: tuple) -> tuple[torch.Tensor, int]:
-    """The device table of ``spans`` (``(data_ptr, numel)`` of each tensor) and its number of
-    chunks; cached, since the same gradients come back at the same addresses every step."""
+def _chunk_table(device: torch.device, spans: tuple) -> tuple[torch.Tensor, int, bool]:
+    """The device table of ``spans`` (``(data_ptr, numel)`` of each tensor), its number of
+    chunks and whether every tensor is 16-byte aligned; cached, since the same gradients come
+    back at the same addresses every step."""
     pointers = torch.tensor([pointer for pointer, _ in spans], dtype=torch.int64)
     numels = torch.tensor([numel for _, numel in spans], dtype=torch.int64)
     chunks = triton.cdiv(numels, _BLOCK)  # per tensor
@@ -78,7 +79,8 @@ def _chunk_table(device: torch.device, spans: tuple) -> tuple[torch.Tensor, int]
     table = torch.cat([pointers, numels, tensor_of_chunk, start])
     if device.type == "cuda":
         table = table.pin_memory()  # an asynchronous copy: no sync, even on a cache miss
-    return table.to(device, non_blocking=True), tensor_of_chunk.numel()
+    aligned = all(pointer % _ALIGNMENT == 0 for pointer, _ in spans)
+    return table.to(device, non_blocking=True), tensor_of_chunk.numel(), aligned
 
 
 def clip_gradients_(grads: list[torch.Tensor], norms: torch.Tensor, clip: float) -> None:
@@ -87,8 +89,7 @@ def clip_gradients_(grads: list[torch.Tensor], norms: torch.Tensor, clip: float)
     spans = tuple((g.data_ptr(), g.numel()) for g in grads)  # empty ones too: T = len(norms)
     if not any(numel for _, numel in spans):
         return
-    table, num_chunks = _chunk_table(norms.device, spans)
-    aligned = all(pointer % _ALIGNMENT == 0 for pointer, _ in spans)
+    table, num_chunks, aligned = _chunk_table(norms.device, spans)
     _clip_gradients_kernel[(num_chunks,)](table, norms, float(clip), len(spans), num_chunks,
                                           DTYPE=DTYPES[grads[0].dtype], ALIGNED=aligned,
                                           BLOCK=_BLOCK, num_warps=_NUM_WARPS)
